@@ -1,0 +1,5 @@
+import sys
+
+from sglbatch.cli import main
+
+sys.exit(main())

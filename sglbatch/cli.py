@@ -1,0 +1,90 @@
+"""`sglbatch` command line. Subcommands grow as features land (serve, run, bench, eval)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from sglbatch.engine.config import EngineConfig
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field, defaults and help written once, in the dataclass."""
+    group = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+        group.add_argument(flag, type=kind, default=f.default, dest=f.name,
+                           help=f"{f.metadata.get('help', '')} (default: {f.default})")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from sglbatch.engine.engine import Engine
+
+    console = Console()
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    prompts = args.prompt or ["What is the capital of France?"]
+    with console.status("loading the model..."):
+        engine = Engine(**engine_kwargs(args))
+    with engine:
+        key = "messages" if args.chat else "prompt"
+        batch = [[{"role": "user", "content": p}] for p in prompts] if args.chat else prompts
+        start = time.perf_counter()
+        outputs = engine.generate(**{key: batch}, sampling_params=params)
+        elapsed = time.perf_counter() - start
+    for prompt, out in zip(prompts, outputs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, **out}))
+        else:
+            console.rule(f"[bold]{prompt}")
+            console.print(out["text"], markup=False, highlight=False)
+    tokens = sum(o["meta_info"]["completion_tokens"] for o in outputs)
+    console.print(f"[dim]{len(outputs)} prompt(s), {tokens} tokens in {elapsed:.2f}s "
+                  f"({tokens / elapsed:.1f} tokens/s)", stderr=True) if not args.json else None
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sglbatch", description="Run LLMs over datasets; benchmark LLM serving.")
+    parser.add_argument("--log-level", default="warning", help="debug | info | warning | error")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser(
+        "generate", help="generate text for a few prompts (a quick check of a model)",
+        description="Generate completions for prompts given on the command line. By default "
+                    "the prompts go through the model's chat template.")
+    gen.add_argument("prompt", nargs="*", help="prompt(s); a sample question if none")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--raw", dest="chat", action="store_false",
+                     help="send prompts as plain text instead of chat messages")
+    gen.add_argument("--json", action="store_true", help="print one JSON result per line")
+    add_engine_args(gen)
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

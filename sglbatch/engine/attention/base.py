@@ -1,0 +1,36 @@
+"""The contract every attention backend implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from sglbatch.engine.batch import ForwardBatch
+from sglbatch.engine.kv_pool import KVPool
+
+
+class AttentionBackend(ABC):
+    """Attention over the paged KV pool for a ragged batch.
+
+    `init_forward_metadata` runs once per forward pass (index math shared by all layers);
+    `forward` runs once per layer: it writes the new tokens' K/V into their slots
+    (`fb.out_cache_loc`) and returns attention over each request's full sequence, causal
+    within the new tokens.
+    """
+
+    def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.kv_pool = kv_pool
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+
+    @abstractmethod
+    def init_forward_metadata(self, fb: ForwardBatch) -> None: ...
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                fb: ForwardBatch) -> torch.Tensor:
+        """q: [tokens, heads * head_dim]; k, v: [tokens, kv_heads * head_dim].
+        Returns [tokens, heads * head_dim]."""

@@ -1,0 +1,174 @@
+"""Engine and model configuration: frozen dataclasses, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything `Engine(**kwargs)` accepts. Field names follow SGLang's server args."""
+
+    model_path: str = field(default=DEFAULT_MODEL, metadata={
+        "help": "HF model directory, a .gguf file, or a built-in alias (smollm2-135m-instruct)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto | float32 | bfloat16 | float16; auto = bfloat16 where the CPU has native "
+                "bf16 instructions, else float32"})
+    device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
+    attention_backend: str = field(default="auto", metadata={
+        "help": "auto | torch; auto picks torch on the CPU"})
+    context_length: int | None = field(default=None, metadata={
+        "help": "override the model's maximum context length"})
+    max_total_tokens: int | None = field(default=None, metadata={
+        "help": "KV pool size in tokens (default: what fits in kv_cache_gb)"})
+    kv_cache_gb: float = field(default=2.0, metadata={
+        "help": "memory budget for the KV pool when max_total_tokens is not given"})
+    max_running_requests: int = field(default=256, metadata={
+        "help": "most requests decoding at once"})
+    chunked_prefill_size: int = field(default=2048, metadata={
+        "help": "most new prompt tokens in one prefill step; longer prompts are chunked "
+                "(-1 disables chunking)"})
+    max_prefill_tokens: int = field(default=16384, metadata={
+        "help": "most new prompt tokens in one prefill step when chunking is disabled"})
+    random_seed: int = field(default=0, metadata={"help": "seed for requests without one"})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads (default: torch's choice)"})
+
+    def __post_init__(self) -> None:
+        choices = {"dtype": ("auto", "float32", "bfloat16", "float16"),
+                   "device": ("cpu", "cuda"), "attention_backend": ("auto", "torch")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        positive = ["max_running_requests", "max_prefill_tokens"]
+        positive += [n for n in ("context_length", "max_total_tokens", "num_threads")
+                     if getattr(self, n) is not None]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
+            raise ValueError(
+                f"chunked_prefill_size must be > 0 or -1 (disabled), got {self.chunked_prefill_size}")
+        if self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s) {unknown}; valid: {sorted(known)}")
+        return cls(**kwargs)
+
+    @property
+    def prefill_token_budget(self) -> int:
+        return self.chunked_prefill_size if self.chunked_prefill_size > 0 else self.max_prefill_tokens
+
+    def resolve_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if self.device == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# Architectures the engine runs, by the name in config.json's "architectures".
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The subset of a Hugging Face config.json the model code needs."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read the model config: {e}") from e
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"{path}: architecture {archs or cfg.get('model_type')} is not supported; "
+                f"supported: {list(SUPPORTED_ARCHITECTURES)}")
+        heads = cfg["num_attention_heads"]
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(cfg, rope),
+            rope_scaling=rope if rope and _rope_type(rope) != "default" else None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),
+            eos_token_ids=_eos_ids(model_dir, cfg),
+        )
+
+
+def _rope_type(rope: dict[str, Any]) -> str:
+    return rope.get("rope_type") or rope.get("type") or "default"
+
+
+def _rope_theta(cfg: dict[str, Any], rope: dict[str, Any] | None) -> float:
+    # transformers 5 moved rope_theta into rope_parameters; older configs keep it top-level.
+    if "rope_theta" in cfg:
+        return float(cfg["rope_theta"])
+    if rope and "rope_theta" in rope:
+        return float(rope["rope_theta"])
+    return 10000.0
+
+
+def _eos_ids(model_dir: Path, cfg: dict[str, Any]) -> tuple[int, ...]:
+    """EOS ids from config.json and generation_config.json (chat models often add one there)."""
+    ids: list[int] = []
+    sources = [cfg]
+    gen_path = Path(model_dir) / "generation_config.json"
+    if gen_path.exists():
+        sources.append(json.loads(gen_path.read_text()))
+    for source in sources:
+        value = source.get("eos_token_id")
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return tuple(ids)

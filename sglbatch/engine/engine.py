@@ -1,0 +1,274 @@
+"""`Engine`: the in-process engine. One background thread runs the loop
+(schedule -> forward -> process output -> detokenize -> emit); callers submit requests and
+receive SGLang-shaped output dicts through a per-request sink."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sglbatch.engine.config import DEFAULT_MODEL, EngineConfig
+from sglbatch.engine.inputs import RequestInput, normalize_inputs
+from sglbatch.engine.model_runner import ModelRunner
+from sglbatch.engine.model_source import resolve_model_path
+from sglbatch.engine.request import FinishReason, Req
+from sglbatch.engine.scheduler import Scheduler
+from sglbatch.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop_string
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[int, dict[str, Any]], None]  # (index within the call, output dict)
+
+
+@dataclass(eq=False)
+class _Tracked:
+    """Engine-side bookkeeping for one request: where its outputs go, what was sent."""
+
+    req: Req
+    index: int
+    sink: Sink
+    stream: bool
+    detok: IncrementalDetokenizer
+    created: float = field(default_factory=time.perf_counter)
+    sent_chars: int = 0
+    sent_ids: int = 0
+
+    @property
+    def needs_live_text(self) -> bool:
+        return self.stream or bool(self.req.sampling_params.stop)
+
+
+class Engine:
+    """`Engine(model_path=..., **engine_args)`; see `EngineConfig` for the arguments."""
+
+    def __init__(self, model_path: str = DEFAULT_MODEL, **kwargs: Any):
+        self.config = EngineConfig.from_kwargs(model_path=model_path, **kwargs)
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        model_dir = resolve_model_path(self.config.model_path)
+        self.tokenizer = Tokenizer(model_dir)
+        self.model_runner = ModelRunner(self.config, model_dir)
+        mc = self.model_runner.model_config
+        self.scheduler = Scheduler(self.config, self.model_runner.kv_pool,
+                                   self.model_runner.req_to_token_pool, mc.eos_token_ids)
+        self._seeds = random.Random(self.config.random_seed)
+        self._tracked: dict[str, _Tracked] = {}
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="sglbatch-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API -------------------------------------------------------------------
+
+    def generate(self, prompt: Any = None, sampling_params: Any = None, input_ids: Any = None,
+                 messages: Any = None, rid: Any = None, stream: bool = False) -> Any:
+        """Blocking generation. One prompt -> a dict; a list -> a list of dicts (same order).
+        With `stream=True`, an iterator of delta dicts (each carries `index` for batches)."""
+        inputs, is_batch = self._normalize(prompt, input_ids, messages, sampling_params, rid)
+        results: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
+        self._submit(inputs, lambda i, out: results.put((i, out)), stream)
+        if stream:
+            return self._iter_stream(results, inputs, is_batch)
+        outputs: list[dict[str, Any] | None] = [None] * len(inputs)
+        while any(o is None for o in outputs):
+            i, out = results.get()
+            outputs[i] = out
+        return outputs if is_batch else outputs[0]
+
+    async def async_generate(self, prompt: Any = None, sampling_params: Any = None,
+                             input_ids: Any = None, messages: Any = None, rid: Any = None,
+                             stream: bool = False) -> Any:
+        """As SGLang: awaits the final dict(s), or with `stream=True` returns an async
+        iterator of delta dicts. Closing the iterator early aborts the request(s)."""
+        inputs, is_batch = self._normalize(prompt, input_ids, messages, sampling_params, rid)
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue()
+        self._submit(inputs, lambda i, out: loop.call_soon_threadsafe(
+            results.put_nowait, (i, out)), stream)
+        if stream:
+            return self._aiter_stream(results, inputs, is_batch)
+        outputs: list[dict[str, Any] | None] = [None] * len(inputs)
+        while any(o is None for o in outputs):
+            i, out = await results.get()
+            outputs[i] = out
+        return outputs if is_batch else outputs[0]
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(("abort", rid))
+
+    def shutdown(self) -> None:
+        if self._stopped:
+            return
+        self._inbox.put(("stop", None))
+        self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # ---- submission -------------------------------------------------------------------
+
+    def _normalize(self, prompt: Any, input_ids: Any, messages: Any, sampling_params: Any,
+                   rid: Any) -> tuple[list[RequestInput], bool]:
+        if self._stopped:
+            raise RuntimeError("the engine has been shut down")
+        return normalize_inputs(
+            self.tokenizer, prompt=prompt, input_ids=input_ids, messages=messages,
+            sampling_params=sampling_params, rid=rid,
+            vocab_size=self.model_runner.model_config.vocab_size,
+            max_req_len=self.model_runner.max_req_len)
+
+    def _submit(self, inputs: list[RequestInput], sink: Sink, stream: bool) -> None:
+        for index, inp in enumerate(inputs):
+            params = inp.sampling_params
+            seed = params.sampling_seed
+            req = Req(inp.rid, inp.input_ids, params,
+                      seed=seed if seed is not None else self._seeds.getrandbits(62))
+            detok = IncrementalDetokenizer(self.tokenizer, inp.input_ids,
+                                           params.skip_special_tokens)
+            self._inbox.put(("add", _Tracked(req, index, sink, stream, detok)))
+
+    def _iter_stream(self, results: queue.Queue, inputs: list[RequestInput],
+                     is_batch: bool) -> Iterator[dict[str, Any]]:
+        remaining = len(inputs)
+        try:
+            while remaining:
+                i, out = results.get()
+                remaining -= out["meta_info"]["finish_reason"] is not None
+                yield {**out, "index": i} if is_batch else out
+        finally:
+            if remaining:
+                for inp in inputs:
+                    self.abort(inp.rid)
+
+    async def _aiter_stream(self, results: asyncio.Queue, inputs: list[RequestInput],
+                            is_batch: bool) -> AsyncIterator[dict[str, Any]]:
+        remaining = len(inputs)
+        try:
+            while remaining:
+                i, out = await results.get()
+                remaining -= out["meta_info"]["finish_reason"] is not None
+                yield {**out, "index": i} if is_batch else out
+        finally:
+            if remaining:
+                for inp in inputs:
+                    self.abort(inp.rid)
+
+    # ---- the loop (engine thread only below this line) ---------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            if not self._drain_inbox(block=not self.scheduler.has_work):
+                break
+            if not self.scheduler.has_work:
+                continue
+            try:
+                self.step()
+            except Exception as e:  # a crash must fail the requests, not hang their callers
+                logger.exception("engine step failed; aborting all requests")
+                for req in self.scheduler.abort_all(f"engine error: {e!r}"):
+                    self._finish(req)
+        for req in self.scheduler.abort_all("engine shut down"):
+            self._finish(req)
+        self._stopped = True
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued commands; False once asked to stop."""
+        while True:
+            try:
+                kind, payload = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._add(payload)
+            elif kind == "abort":
+                req = self.scheduler.abort(payload, "aborted by the client")
+                if req is not None:
+                    self._finish(req)
+
+    def _add(self, tracked: _Tracked) -> None:
+        req = tracked.req
+        self._tracked[req.rid] = tracked
+        if req.sampling_params.max_new_tokens == 0:
+            req.finish_reason = FinishReason.max_length(0)
+            self._finish(req)
+            return
+        self.scheduler.add_request(req)
+
+    def step(self) -> None:
+        """One scheduling step: run a batch, then hand out tokens and finished requests."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return
+        next_ids = self.model_runner.forward_and_sample(batch)
+        for req in self.scheduler.process_output(batch, next_ids):
+            self._on_token(req)
+        for req in self.scheduler.release_finished():
+            self._finish(req)
+
+    def _on_token(self, req: Req) -> None:
+        tracked = self._tracked[req.rid]
+        if not tracked.needs_live_text:
+            return  # detokenized once at finish
+        delta = tracked.detok.append(req.output_ids[-1:])
+        stops = req.sampling_params.stop
+        if delta and stops and not req.is_finished:
+            match = find_stop_string(tracked.detok.text, stops, len(delta))
+            if match is not None:
+                idx, stop = match
+                end = idx + len(stop) if req.sampling_params.no_stop_trim else idx
+                tracked.detok.text = tracked.detok.text[:end]
+                req.finish_reason = FinishReason.stop(stop)
+        if tracked.stream and not req.is_finished:
+            # Hold back a possible stop-string prefix so streamed text never has to be retracted.
+            hold = max((len(s) for s in stops), default=1) - 1
+            self._emit(tracked, visible_chars=len(tracked.detok.text) - hold)
+
+    def _finish(self, req: Req) -> None:
+        tracked = self._tracked.pop(req.rid)
+        detok = tracked.detok
+        if not tracked.needs_live_text:
+            detok.append(req.output_ids)
+        if req.finish_reason is None or req.finish_reason.kind != "stop" or \
+                not isinstance(req.finish_reason.matched, str):
+            detok.flush()
+        self._emit(tracked, visible_chars=len(detok.text))
+
+    def _emit(self, tracked: _Tracked, visible_chars: int) -> None:
+        req = tracked.req
+        if tracked.stream:
+            text = tracked.detok.text[tracked.sent_chars:max(visible_chars, tracked.sent_chars)]
+            ids = req.output_ids[tracked.sent_ids:]
+            if not text and not ids and not req.is_finished:
+                return
+            tracked.sent_chars += len(text)
+            tracked.sent_ids = len(req.output_ids)
+        else:
+            text, ids = tracked.detok.text, list(req.output_ids)
+        tracked.sink(tracked.index, {"text": text, "output_ids": ids,
+                                     "meta_info": self._meta_info(tracked)})
+
+    def _meta_info(self, tracked: _Tracked) -> dict[str, Any]:
+        req = tracked.req
+        return {
+            "id": req.rid,
+            "finish_reason": req.finish_reason.to_json() if req.finish_reason else None,
+            "prompt_tokens": len(req.input_ids),
+            "completion_tokens": len(req.output_ids),
+            "cached_tokens": req.cached_tokens,
+            "e2e_latency": time.perf_counter() - tracked.created,
+        }

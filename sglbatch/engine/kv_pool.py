@@ -1,0 +1,80 @@
+"""Token-granular KV storage: a pool of K/V slots, and a table mapping requests to slots."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    """Per-layer K and V buffers of shape [num_slots + 1, num_kv_heads, head_dim].
+
+    Slot 0 is never handed out: it is a scratch slot that padded positions may write to,
+    so backends need no branch for padding. Slots 1..num_slots are managed by a free list.
+    The buffers are not zero-filled (that alone takes seconds at pool sizes in the GiBs):
+    every slot a request's table names was written when allocated, and table entries
+    nobody wrote point at slot 0, which is zeroed, so masked reads never meet NaN garbage.
+    """
+
+    def __init__(self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: str | torch.device = "cpu"):
+        if num_slots <= 0:
+            raise ValueError(f"KV pool needs at least one slot, got {num_slots}")
+        self.num_slots = num_slots
+        shape = (num_slots + 1, num_kv_heads, head_dim)
+        self.k_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for buf in (*self.k_buffers, *self.v_buffers):
+            buf[0].zero_()
+        self.device = torch.device(device)
+        self._free = torch.arange(1, num_slots + 1, dtype=torch.int64)
+        self._num_free = num_slots
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """Take `n` free slots (int64, on CPU), or None if fewer than `n` are free."""
+        if n > self._num_free:
+            return None
+        start = self._num_free - n
+        slots = self._free[start:self._num_free].clone()
+        self._num_free = start
+        return slots
+
+    def free(self, slots: torch.Tensor) -> None:
+        n = slots.numel()
+        if n == 0:
+            return
+        if self._num_free + n > self.num_slots:
+            raise RuntimeError("KV pool double free: more slots returned than were taken")
+        self._free[self._num_free:self._num_free + n] = slots.to(torch.int64).cpu()
+        self._num_free += n
+
+    def set_kv(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_buffers[layer_id][slots] = k
+        self.v_buffers[layer_id][slots] = v
+
+
+class ReqToTokenPool:
+    """Row `i` lists the KV slots of the request holding row `i`, position by position."""
+
+    def __init__(self, num_rows: int, max_context_len: int, device: str | torch.device = "cpu"):
+        self.table = torch.zeros((num_rows, max_context_len), dtype=torch.int64, device=device)
+        self._free_rows = list(range(num_rows - 1, -1, -1))
+        self.num_rows = num_rows
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free_rows)
+
+    def alloc(self) -> int | None:
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free(self, row: int) -> None:
+        self._free_rows.append(row)

@@ -1,0 +1,98 @@
+"""Owns the model, the KV pools and the attention backend; runs one batch forward."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from sglbatch.engine.attention import create_attention_backend
+from sglbatch.engine.batch import Batch, ForwardBatch
+from sglbatch.engine.config import EngineConfig, ModelConfig
+from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
+from sglbatch.engine.loader import load_weights
+from sglbatch.engine.models import create_model
+from sglbatch.engine.sampler import SamplingBatch, sample
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_dir: Path):
+        self.config = config
+        self.device = torch.device(config.device)
+        model_config = ModelConfig.from_dir(model_dir)
+        self.context_len = config.context_length or model_config.max_position_embeddings
+        # The rotary table must cover the context actually served.
+        self.model_config = dataclasses.replace(
+            model_config, max_position_embeddings=self.context_len)
+        self.dtype = config.resolve_dtype()
+        self.model = create_model(self.model_config)
+        load_weights(self.model, model_dir, self.dtype)
+        self.model.to(self.device).eval()
+
+        mc = self.model_config
+        per_token = KVPool.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads,
+                                           mc.head_dim, self.dtype)
+        num_slots = config.max_total_tokens or int(config.kv_cache_gb * (1 << 30) // per_token)
+        self.kv_pool = KVPool(num_slots, mc.num_hidden_layers, mc.num_key_value_heads,
+                              mc.head_dim, self.dtype, self.device)
+        # One extra row so a chunked request can hold a row while max_running_requests decode.
+        self.req_to_token_pool = ReqToTokenPool(config.max_running_requests + 1,
+                                                self.context_len, self.device)
+        self.attn_backend = create_attention_backend(
+            config.attention_backend, config.device, self.kv_pool, mc.num_attention_heads,
+            mc.num_key_value_heads, mc.head_dim)
+        logger.info("model %s: %s, %d layers, dtype %s; KV pool %d tokens (%.2f GiB)",
+                    model_dir.name, mc.architecture, mc.num_hidden_layers, self.dtype,
+                    num_slots, num_slots * per_token / (1 << 30))
+
+    @property
+    def max_req_len(self) -> int:
+        """Longest sequence (prompt + output) one request may reach, as SGLang computes it."""
+        return min(self.context_len - 1, self.kv_pool.num_slots - 1)
+
+    def build_forward_batch(self, batch: Batch) -> ForwardBatch:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        prefix_lens = []
+        for req, extend_len in zip(batch.reqs, batch.extend_lens):
+            start = req.kv_len
+            input_ids.extend(req.fill_ids[start:start + extend_len])
+            positions.extend(range(start, start + extend_len))
+            prefix_lens.append(start)
+        extend_lens = batch.extend_lens
+        seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+        starts = [0]
+        for e in extend_lens[:-1]:
+            starts.append(starts[-1] + e)
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+        return ForwardBatch(
+            mode=batch.mode, input_ids=tensor(input_ids), positions=tensor(positions),
+            out_cache_loc=batch.out_cache_loc.to(self.device),
+            req_pool_indices=tensor([r.req_pool_idx for r in batch.reqs]),
+            seq_lens=tensor(seq_lens), prefix_lens=tensor(prefix_lens),
+            extend_lens=tensor(extend_lens), extend_start=tensor(starts),
+            req_to_token=self.req_to_token_pool.table, seq_lens_cpu=seq_lens,
+            prefix_lens_cpu=prefix_lens, extend_lens_cpu=list(extend_lens))
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
+        """Logits [batch, vocab] at each request's last new token, or [tokens, vocab] for
+        every new token with `all_logits` (fp32)."""
+        fb = self.build_forward_batch(batch)
+        self.attn_backend.init_forward_metadata(fb)
+        hidden = self.model(fb.input_ids, fb.positions, fb, self.attn_backend)
+        if not all_logits:
+            hidden = hidden[fb.last_token_indices]
+        return self.model.compute_logits(hidden)
+
+    def forward_and_sample(self, batch: Batch) -> list[int]:
+        logits = self.forward(batch)
+        sb = SamplingBatch.from_reqs(batch.reqs, logits.shape[-1])
+        return sample(logits, sb).tolist()

@@ -1,0 +1,186 @@
+"""Per-request state: sampling parameters, the request itself, and why it finished."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+GREEDY_EPS = 1e-6  # temperatures below this mean greedy, as in SGLang
+
+# SGLang parameters this version accepts but does not act on yet; refusing them is
+# better than silently ignoring a constraint the caller relies on.
+_NOT_YET_SUPPORTED = {
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+    "n": 1,
+    "json_schema": None,
+    "regex": None,
+    "ebnf": None,
+    "structural_tag": None,
+    "custom_params": None,
+    "logit_bias": None,
+    "stop_regex": None,
+}
+
+
+@dataclass
+class SamplingParams:
+    """SGLang's sampling parameters (same names, same defaults)."""
+
+    max_new_tokens: int = 128
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    sampling_seed: int | None = None
+    stream_interval: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    n: int = 1
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
+    custom_params: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
+    stop_regex: str | list[str] | None = None
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any] | SamplingParams | None) -> SamplingParams:
+        """Build from a user dict, naming any unknown key (a typo must not pass silently)."""
+        if isinstance(params, SamplingParams):
+            return dataclasses.replace(params)
+        params = dict(params or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(
+                f"sampling_params: unknown key(s) {unknown}; valid keys are {sorted(known)}"
+            )
+        # None means "default" for every field, as SGLang's /generate allows.
+        return cls(**{k: v for k, v in params.items() if v is not None})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS or self.top_k == 1
+
+    def verify(self) -> None:
+        """Raise ValueError naming the offending field and the accepted range."""
+        for name, default in _NOT_YET_SUPPORTED.items():
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"sampling_params.{name}: not supported by this version of sglbatch yet; "
+                    f"leave it at its default ({default!r})"
+                )
+        checks = [
+            ("max_new_tokens", isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+             "an integer >= 0"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0,
+             "a finite number >= 0 (0 = greedy)"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("top_k", self.top_k == -1 or self.top_k >= 1, "-1 (disabled) or >= 1"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(
+                    f"sampling_params.{name} must be {expected}, got {getattr(self, name)!r}"
+                )
+        if self.sampling_seed is not None and not isinstance(self.sampling_seed, int):
+            raise ValueError(
+                f"sampling_params.sampling_seed must be an integer, got {self.sampling_seed!r}"
+            )
+
+
+class FinishReason:
+    """Why a request stopped; `to_json` gives SGLang's `meta_info.finish_reason` shape."""
+
+    def __init__(self, kind: str, matched: int | str | None = None, length: int | None = None,
+                 message: str | None = None):
+        self.kind = kind  # "stop" | "length" | "abort"
+        self.matched = matched
+        self.length = length
+        self.message = message
+
+    @classmethod
+    def stop(cls, matched: int | str) -> FinishReason:
+        return cls("stop", matched=matched)
+
+    @classmethod
+    def max_length(cls, length: int) -> FinishReason:
+        return cls("length", length=length)
+
+    @classmethod
+    def abort(cls, message: str) -> FinishReason:
+        return cls("abort", message=message)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.kind == "stop":
+            return {"type": "stop", "matched": self.matched}
+        if self.kind == "length":
+            return {"type": "length", "length": self.length}
+        return {"type": "abort", "message": self.message}
+
+
+class ReqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Req:
+    """One generation request as the scheduler sees it.
+
+    Token layout: `fill_ids = input_ids + output_ids`. The first `kv_len` of them have their
+    K/V in the pool (slots `req_to_token[req_pool_idx, :kv_len]`); the rest still need a
+    forward pass. A decode step always has exactly one pending token: the last output.
+    """
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    status: ReqStatus = ReqStatus.WAITING
+    req_pool_idx: int | None = None
+    kv_len: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    finish_reason: FinishReason | None = None
+    seed: int = 0  # the sampling seed actually used (random when the user gave none)
+    num_retractions: int = 0
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.input_ids + self.output_ids
+
+    @property
+    def fill_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def pending_len(self) -> int:
+        """Tokens that still need a forward pass before the next token can be sampled."""
+        return self.fill_len - self.kv_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,89 @@
+"""Batched next-token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sglbatch.engine.request import Req
+
+_MASK62 = (1 << 62) - 1
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A splitmix64-style integer hash kept in [0, 2**62) so int64 shifts stay logical."""
+    x = ((x ^ (x >> 31)) * 0x3F58476D1CE4E5B9) & _MASK62
+    x = ((x ^ (x >> 29)) * 0x14057B7EF767814F) & _MASK62
+    return x ^ (x >> 32)
+
+
+def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform (0, 1) noise [batch, vocab] that depends only on (seed, step, token id).
+
+    Counter-based rather than a stateful generator, so a request's samples do not depend on
+    which other requests share its batch, or on being retracted and recomputed.
+    """
+    token = torch.arange(vocab_size, dtype=torch.int64)
+    key = _mix((seeds & _MASK62) * 0x2545F491 + steps)
+    h = _mix((key[:, None] + token[None, :] * 0x9E3779B1) & _MASK62)
+    return ((h >> 38).to(torch.float64) + 0.5) / float(1 << 24)
+
+
+@dataclass
+class SamplingBatch:
+    """The batch's sampling parameters as tensors, built once per step."""
+
+    temperatures: torch.Tensor  # [batch, 1]
+    top_ps: torch.Tensor
+    top_ks: torch.Tensor
+    min_ps: torch.Tensor
+    seeds: torch.Tensor
+    steps: torch.Tensor  # index of the token being sampled within each request's output
+    is_greedy: torch.Tensor  # [batch] bool
+    all_greedy: bool
+    need_sort: bool
+
+    @classmethod
+    def from_reqs(cls, reqs: list[Req], vocab_size: int) -> SamplingBatch:
+        params = [r.sampling_params for r in reqs]
+        greedy = [p.is_greedy for p in params]
+        top_ks = [vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params]
+        need_sort = any(not g and (p.top_p < 1.0 or k < vocab_size or p.min_p > 0)
+                        for g, p, k in zip(greedy, params, top_ks))
+        return cls(
+            temperatures=torch.tensor([[max(p.temperature, 1e-6)] for p in params]),
+            top_ps=torch.tensor([p.top_p for p in params]),
+            top_ks=torch.tensor(top_ks),
+            min_ps=torch.tensor([p.min_p for p in params]),
+            seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64),
+            steps=torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64),
+            is_greedy=torch.tensor(greedy),
+            all_greedy=all(greedy),
+            need_sort=need_sort,
+        )
+
+
+def sample(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """logits: [batch, vocab] fp32 -> next token ids [batch] (int64)."""
+    greedy = logits.argmax(dim=-1)
+    if sb.all_greedy:
+        return greedy
+    probs = torch.softmax(logits / sb.temperatures, dim=-1)
+    if sb.need_sort:
+        probs = _filter_top_k_top_p_min_p(probs, sb)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (the Gumbel-max trick).
+    noise = -torch.log(seeded_uniform(sb.seeds, sb.steps, probs.shape[-1])).to(probs.dtype)
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(sb.is_greedy, greedy, sampled)
+
+
+def _filter_top_k_top_p_min_p(probs: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[-1])[None, :]
+    drop = rank >= sb.top_ks[:, None]
+    # Keep the smallest head whose mass reaches top_p (the token crossing the line stays).
+    drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) > sb.top_ps[:, None]
+    drop |= sorted_probs < sb.min_ps[:, None] * sorted_probs[:, :1]
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
