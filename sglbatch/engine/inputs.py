@@ -22,7 +22,8 @@ def _is_batch(value: Any, item_type: type) -> bool:
 
 
 def _prompts_to_ids(tokenizer: Tokenizer, prompt: Any, input_ids: Any, messages: Any
-                    ) -> tuple[list[list[int]], bool]:
+                    ) -> tuple[list[list[int]], bool, str]:
+    """Token ids per request, whether the call was a batch, and which argument gave them."""
     given = [name for name, v in (("prompt", prompt), ("input_ids", input_ids),
                                   ("messages", messages)) if v is not None]
     if len(given) != 1:
@@ -35,28 +36,28 @@ def _prompts_to_ids(tokenizer: Tokenizer, prompt: Any, input_ids: Any, messages:
                 raise ValueError(f"prompt[{i}]: expected a string, got {type(text).__name__}")
             if not text:
                 raise ValueError(f"prompt{f'[{i}]' if batch else ''}: the prompt is empty")
-        return [tokenizer.encode(t) for t in texts], batch
+        return [tokenizer.encode(t) for t in texts], batch, "prompt"
     if input_ids is not None:
         batch = _is_batch(input_ids, int)
         id_lists = input_ids if batch else [input_ids]
         for i, ids in enumerate(id_lists):
             if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
                 raise ValueError(f"input_ids[{i}]: expected a list of integers")
-        return [list(ids) for ids in id_lists], batch
+        return [list(ids) for ids in id_lists], batch, "input_ids"
     batch = _is_batch(messages, dict)
     conversations = messages if batch else [messages]
     for i, conv in enumerate(conversations):
         if not isinstance(conv, list) or not conv or not all(isinstance(m, dict) for m in conv):
             raise ValueError(f"messages[{i}]: expected a non-empty list of "
                              "{'role': ..., 'content': ...} dicts")
-    return [tokenizer.apply_chat_template(conv) for conv in conversations], batch
+    return [tokenizer.apply_chat_template(conv) for conv in conversations], batch, "messages"
 
 
 def normalize_inputs(tokenizer: Tokenizer, *, prompt: Any = None, input_ids: Any = None,
                      messages: Any = None, sampling_params: Any = None, rid: Any = None,
                      vocab_size: int, max_req_len: int) -> tuple[list[RequestInput], bool]:
     """Validate everything up front so a bad request fails in the caller, not in the loop."""
-    ids_list, is_batch = _prompts_to_ids(tokenizer, prompt, input_ids, messages)
+    ids_list, is_batch, source = _prompts_to_ids(tokenizer, prompt, input_ids, messages)
     n = len(ids_list)
     if isinstance(sampling_params, list):
         if len(sampling_params) != n:
@@ -71,16 +72,16 @@ def normalize_inputs(tokenizer: Tokenizer, *, prompt: Any = None, input_ids: Any
     max_prompt_len = max_req_len - 1  # room for at least one output token
     requests = []
     for i, (ids, raw_params, req_id) in enumerate(zip(ids_list, params_list, rids)):
-        where = f"[{i}]" if is_batch else ""
+        where = f"{source}[{i}]" if is_batch else source
         if not ids:
-            raise ValueError(f"prompt{where}: the prompt is empty (0 tokens)")
+            raise ValueError(f"{where}: the prompt is empty (0 tokens)")
         if len(ids) > max_prompt_len:
             raise ValueError(
-                f"prompt{where}: {len(ids)} tokens is longer than the model's context allows "
+                f"{where}: {len(ids)} tokens is longer than the model's context allows "
                 f"({max_prompt_len} prompt tokens at most); shorten the prompt")
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"input_ids{where}: token ids {bad[:5]} are outside the "
+            raise ValueError(f"{where}: token ids {bad[:5]} are outside the "
                              f"vocabulary [0, {vocab_size})")
         params = SamplingParams.from_dict(raw_params)
         params.verify()

@@ -1,7 +1,7 @@
-"""Turn what the user names as a model (HF directory, .gguf file, built-in alias) into an HF directory.
+"""Turn what the user names as a model (HF dir, .gguf file, alias) into an HF model directory.
 
-GGUF files are converted once into a cached Hugging Face-style directory (float32 safetensors,
-config.json, tokenizer files) so the rest of the engine only ever reads one format.
+GGUF files are converted once into a cached HF-style directory (float32 safetensors, config.json,
+tokenizer files), so the rest of the engine only ever reads one format.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Bump when the converted directory's layout or contents change: it is part of the cache key.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
 _SOURCE_FILE = "sglbatch_source.json"
 
 
@@ -139,7 +139,8 @@ def convert_gguf(gguf_path: Path) -> Path:
     gguf_path = Path(gguf_path).resolve()
     st = gguf_path.stat()
     ident = f"{gguf_path}|{st.st_size}|{st.st_mtime_ns}|v{CONVERSION_VERSION}"
-    out = cache_dir() / "models" / f"{gguf_path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
     if (out / _SOURCE_FILE).is_file():  # only the atomic rename below creates it: complete
         logger.info("using cached conversion of %s at %s", gguf_path, out)
         return out
@@ -152,18 +153,18 @@ def convert_gguf(gguf_path: Path) -> Path:
         _write_tokenizer(reader, gguf_path, tmp)
         _write_json(tmp / "config.json", config)
         _write_json(tmp / _SOURCE_FILE, {
-            "source_gguf": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "source": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "conversion_version": CONVERSION_VERSION})
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             os.rename(tmp, out)
+            logger.info("converted %s; cached at %s", gguf_path, out)
         except OSError:
             if not (out / _SOURCE_FILE).is_file():  # not a lost race with a concurrent one
                 raise
             logger.info("a concurrent conversion finished first; using %s", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("converted %s; cached at %s", gguf_path, out)
     return out
 
 
@@ -194,7 +195,10 @@ def _meta(reader: Any, key: str, path: Path, default: Any = _REQUIRED) -> Any:
 
 def _hf_config(reader: Any, path: Path) -> dict[str, Any]:
     arch = _meta(reader, "general.architecture", path)
-    meta = lambda key, default=_REQUIRED: _meta(reader, f"{arch}.{key}", path, default)  # noqa: E731
+
+    def meta(key: str, default: Any = _REQUIRED) -> Any:
+        return _meta(reader, f"{arch}.{key}", path, default)
+
     names = {t.name for t in reader.tensors}
     hidden, heads = meta("embedding_length"), meta("attention.head_count")
     theta = float(meta("rope.freq_base", 10000.0))
@@ -285,7 +289,8 @@ def _write_safetensors(dest: Path, items: list[tuple[str, tuple[int, ...], Any]]
     offset = 0
     for name, shape, _ in items:
         size = 4 * int(np.prod(shape))
-        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {"dtype": "F32", "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
@@ -305,7 +310,8 @@ def _write_tokenizer(reader: Any, gguf_path: Path, dest: Path) -> None:
     tok.save_pretrained(str(dest))
     gen = {"bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id", gguf_path, None)}
     # llama.cpp stops on every end-of-generation token (eos, eot, eom); so should we.
-    eog = [_meta(reader, f"tokenizer.ggml.{k}_token_id", gguf_path, None) for k in ("eos", "eot", "eom")]
+    eog = [_meta(reader, f"tokenizer.ggml.{k}_token_id", gguf_path, None)
+           for k in ("eos", "eot", "eom")]
     eog = list(dict.fromkeys(t for t in eog if t is not None))
     gen["eos_token_id"] = eog[0] if len(eog) == 1 else eog or None
     _write_json(dest / "generation_config.json", {k: v for k, v in gen.items() if v is not None})

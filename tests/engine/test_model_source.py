@@ -16,7 +16,7 @@ from sglbatch.engine.model_source import WheelGGUF, cache_dir, resolve_model_pat
 
 
 def _source_gguf(model_dir: Path) -> Path:
-    return Path(json.loads((model_dir / "sglbatch_source.json").read_text())["source_gguf"])
+    return Path(json.loads((model_dir / "sglbatch_source.json").read_text())["source"])
 
 
 def _write_tiny_gguf(path: Path, arch: str, *, tie: bool = True, layers: int = 2) -> None:
@@ -82,8 +82,9 @@ def test_alias_resolves_to_complete_hf_dir(smollm2_dir: Path) -> None:
     assert smollm2_dir.parent == cache_dir() / "models"
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
-    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (576, 30, 49152)
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (9, 3, 64)
+    sizes = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads",
+             "num_key_value_heads", "head_dim")
+    assert [config[k] for k in sizes] == [576, 30, 49152, 9, 3, 64]
     assert config["tie_word_embeddings"] is True
     source = json.loads((smollm2_dir / "sglbatch_source.json").read_text())
     assert source["conversion_version"] == model_source.CONVERSION_VERSION
@@ -129,7 +130,8 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(smollm2_dir: Path) -> Non
     import transformers
 
     gguf_path = _source_gguf(smollm2_dir)
-    ref = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    ref = transformers.AutoTokenizer.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name)
     ours = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     texts = ["Hello world!", "  spaces\tand tabs\n\nnewlines", "héllo wörld 日本語 🤖",
              "<|im_start|>user\nhi<|im_end|>"]

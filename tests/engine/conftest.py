@@ -1,0 +1,53 @@
+"""Engine fixtures: real SmolLM2 engines (fp32 for exact comparisons) and its HF reference."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Prompts of clearly different lengths (a few tokens to ~100), shared by the greedy tests.
+PROMPTS = [
+    "Hello",
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "List three prime numbers greater than ten and explain why each is prime:",
+    "Once upon a time, in a small village at the edge of a great forest, there lived a young "
+    "girl who loved to read. Every evening she would",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Translate to French: I would like a cup of coffee and a croissant, please.",
+    "Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+    "clips in May. How many clips did Natalia sell altogether in April and May? Think step by "
+    "step and explain your reasoning carefully before giving the final answer. Answer:",
+]
+
+
+@pytest.fixture(scope="session")
+def engine(smollm2_dir: Path) -> Iterator:
+    """The default model in fp32, default scheduling settings."""
+    from sglbatch.engine.engine import Engine
+
+    with Engine(model_path=str(smollm2_dir), dtype="float32", kv_cache_gb=0.5) as eng:
+        yield eng
+
+
+@pytest.fixture(scope="session")
+def hf_model(smollm2_dir: Path):
+    """transformers' own model, loaded from the GGUF file itself (not from our conversion)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = Path(json.loads((smollm2_dir / "sglbatch_source.json").read_text())["source"])
+    return AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+def assert_pool_whole(engine) -> None:
+    """After all requests finish, every KV slot and table row is free again."""
+    runner = engine.model_runner
+    assert not engine.scheduler.has_work
+    assert runner.kv_pool.num_free == runner.kv_pool.num_slots
+    assert runner.req_to_token_pool.num_free == runner.req_to_token_pool.num_rows
