@@ -1,0 +1,43 @@
+"""KV pool and request table accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
+
+
+def test_alloc_free_round_trip_and_exhaustion():
+    pool = KVPool(10, num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float32)
+    a = pool.alloc(6)
+    b = pool.alloc(4)
+    assert pool.alloc(1) is None and pool.num_free == 0
+    assert sorted(torch.cat([a, b]).tolist()) == list(range(1, 11))  # slot 0 is never given
+    pool.free(a)
+    assert pool.num_free == 6
+    c = pool.alloc(6)
+    assert sorted(c.tolist()) == sorted(a.tolist())
+    pool.free(b)
+    pool.free(c)
+    assert pool.num_free == 10
+    with pytest.raises(RuntimeError, match="double free"):
+        pool.free(torch.tensor([1]))
+
+
+def test_scratch_slot_is_zero_and_kv_lands_in_its_slots():
+    pool = KVPool(4, num_layers=1, num_kv_heads=2, head_dim=3, dtype=torch.float32)
+    assert torch.count_nonzero(pool.k_buffers[0][0]) == 0
+    slots = pool.alloc(2)
+    k = torch.randn(2, 2, 3)
+    pool.set_kv(0, slots, k, -k)
+    assert torch.equal(pool.k_buffers[0][slots], k)
+    assert torch.equal(pool.v_buffers[0][slots], -k)
+
+
+def test_req_to_token_rows():
+    table = ReqToTokenPool(2, max_context_len=8)
+    rows = {table.alloc(), table.alloc()}
+    assert rows == {0, 1} and table.alloc() is None
+    table.free(0)
+    assert table.num_free == 1 and table.alloc() == 0
