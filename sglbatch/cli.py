@@ -49,9 +49,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         else:
             console.rule(f"[bold]{prompt}")
             console.print(out["text"], markup=False, highlight=False)
-    tokens = sum(o["meta_info"]["completion_tokens"] for o in outputs)
-    console.print(f"[dim]{len(outputs)} prompt(s), {tokens} tokens in {elapsed:.2f}s "
-                  f"({tokens / elapsed:.1f} tokens/s)", stderr=True) if not args.json else None
+    if not args.json:
+        tokens = sum(o["meta_info"]["completion_tokens"] for o in outputs)
+        console.print(f"[dim]{len(outputs)} prompt(s), {tokens} tokens in {elapsed:.2f}s "
+                      f"({tokens / elapsed:.1f} tokens/s)")
     return 0
 
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate completions for prompts given on the command line. By default "
                     "the prompts go through the model's chat template.")
     gen.add_argument("prompt", nargs="*", help="prompt(s); a sample question if none")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="(default: 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--raw", dest="chat", action="store_false",
                      help="send prompts as plain text instead of chat messages")

@@ -6,7 +6,10 @@ import torch
 
 
 class KVPool:
-    """Per-layer K and V buffers of shape [num_slots + 1, num_kv_heads, head_dim].
+    """Per-layer K and V buffers of shape [num_kv_heads, num_slots + 1, head_dim].
+
+    Head-major, so gathering a batch's slots yields [kv_heads, tokens, head_dim]: the layout
+    attention's matmuls want, with no transposing copy.
 
     Slot 0 is never handed out: it is a scratch slot that padded positions may write to,
     so backends need no branch for padding. Slots 1..num_slots are managed by a free list.
@@ -20,11 +23,11 @@ class KVPool:
         if num_slots <= 0:
             raise ValueError(f"KV pool needs at least one slot, got {num_slots}")
         self.num_slots = num_slots
-        shape = (num_slots + 1, num_kv_heads, head_dim)
+        shape = (num_kv_heads, num_slots + 1, head_dim)
         self.k_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         for buf in (*self.k_buffers, *self.v_buffers):
-            buf[0].zero_()
+            buf[:, 0].zero_()
         self.device = torch.device(device)
         self._free = torch.arange(1, num_slots + 1, dtype=torch.int64)
         self._num_free = num_slots
@@ -57,8 +60,15 @@ class KVPool:
         self._num_free += n
 
     def set_kv(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k_buffers[layer_id][slots] = k
-        self.v_buffers[layer_id][slots] = v
+        """k, v: [tokens, kv_heads, head_dim], written to `slots`."""
+        self.k_buffers[layer_id][:, slots] = k.transpose(0, 1)
+        self.v_buffers[layer_id][:, slots] = v.transpose(0, 1)
+
+    def get_kv(self, layer_id: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `slots` as [kv_heads, len(slots), head_dim]."""
+        # index_select is several times faster than advanced indexing on CPU.
+        return (self.k_buffers[layer_id].index_select(1, slots),
+                self.v_buffers[layer_id].index_select(1, slots))
 
 
 class ReqToTokenPool:

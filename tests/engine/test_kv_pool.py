@@ -27,12 +27,12 @@ def test_alloc_free_round_trip_and_exhaustion():
 
 def test_scratch_slot_is_zero_and_kv_lands_in_its_slots():
     pool = KVPool(4, num_layers=1, num_kv_heads=2, head_dim=3, dtype=torch.float32)
-    assert torch.count_nonzero(pool.k_buffers[0][0]) == 0
+    assert torch.count_nonzero(pool.k_buffers[0][:, 0]) == 0
     slots = pool.alloc(2)
     k = torch.randn(2, 2, 3)
     pool.set_kv(0, slots, k, -k)
-    assert torch.equal(pool.k_buffers[0][slots], k)
-    assert torch.equal(pool.v_buffers[0][slots], -k)
+    k_out, v_out = pool.get_kv(0, slots)
+    assert torch.equal(k_out, k.transpose(0, 1)) and torch.equal(v_out, -k.transpose(0, 1))
 
 
 def test_req_to_token_rows():
