@@ -56,6 +56,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_offline(args: argparse.Namespace) -> int:
+    from sglbatch.bench.offline import run
+
+    run(args, engine_kwargs(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sglbatch", description="Run LLMs over datasets; benchmark LLM serving.")
@@ -73,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON result per line")
     add_engine_args(gen)
     gen.set_defaults(func=_cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    offline = bench.add_parser(
+        "offline", help="throughput of the in-process engine on a workload",
+        description="Runs the in-process engine over a workload (greedy, each request "
+                    "generating exactly its output length) and reports requests/s, tokens/s and "
+                    "the cache hit rate; --baseline transformers runs transformers `generate` "
+                    "on the same requests in the same run and prints the ratio.")
+    from sglbatch.bench.offline import add_args as add_offline_args
+
+    add_offline_args(offline)
+    add_engine_args(offline)
+    offline.set_defaults(func=_cmd_bench_offline)
     return parser
 
 

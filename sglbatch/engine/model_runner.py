@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: Path):
         self.config = config
+        self.model_dir = model_dir
         self.device = torch.device(config.device)
         model_config = ModelConfig.from_dir(model_dir)
         self.context_len = config.context_length or model_config.max_position_embeddings

@@ -1,0 +1,120 @@
+"""`sglbatch bench offline`: the in-process engine over a workload, optionally against
+transformers `generate` on the same requests in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from sglbatch.bench.datasets import BenchRequest, random_requests
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset-name", default="random", choices=["random"],
+                        help="workload (default: random)")
+    parser.add_argument("--num-prompts", type=int, default=128, help="(default: 128)")
+    parser.add_argument("--random-input-len", type=int, default=256, help="(default: 256)")
+    parser.add_argument("--random-output-len", type=int, default=128, help="(default: 128)")
+    parser.add_argument("--random-range-ratio", type=float, default=1.0,
+                        help="lengths are uniform in [len * ratio, len] (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=1, help="(default: 1)")
+    parser.add_argument("--baseline", choices=["transformers"],
+                        help="also run transformers `generate` on the same requests")
+    parser.add_argument("--baseline-batch-sizes", default="16,64,128",
+                        help="batch sizes tried for the baseline; the best counts "
+                             "(default: 16,64,128)")
+    parser.add_argument("--output-file", type=Path, help="append a JSONL result record here")
+
+
+def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, float]:
+    params = [{"temperature": 0, "max_new_tokens": r.output_len, "ignore_eos": True}
+              for r in requests]
+    engine.generate(input_ids=requests[0].input_ids, sampling_params={"max_new_tokens": 2})
+    start = time.perf_counter()
+    outputs = engine.generate(input_ids=[r.input_ids for r in requests], sampling_params=params)
+    elapsed = time.perf_counter() - start
+    prompt_tokens = sum(o["meta_info"]["prompt_tokens"] for o in outputs)
+    output_tokens = sum(o["meta_info"]["completion_tokens"] for o in outputs)
+    cached = sum(o["meta_info"]["cached_tokens"] for o in outputs)
+    return {
+        "duration": elapsed,
+        "completed": len(outputs),
+        "total_input_tokens": prompt_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(outputs) / elapsed,
+        "input_throughput": prompt_tokens / elapsed,
+        "output_throughput": output_tokens / elapsed,
+        "cache_hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
+    }
+
+
+def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    from rich.console import Console
+
+    from sglbatch.engine.engine import Engine
+
+    console = Console()
+    with console.status("loading the model..."):
+        engine = Engine(**engine_kwargs)
+    with engine:
+        requests = random_requests(args.num_prompts, args.random_input_len,
+                                   args.random_output_len, args.random_range_ratio,
+                                   engine.model_runner.model_config.vocab_size, args.seed)
+        with console.status(f"sglbatch: {len(requests)} requests..."):
+            result = run_engine(engine, requests)
+        model_dir = engine.model_runner.model_dir
+        dtype = engine.model_runner.dtype
+    record: dict[str, Any] = {
+        "backend": "sglbatch", "dataset_name": args.dataset_name,
+        "num_prompts": args.num_prompts, "random_input_len": args.random_input_len,
+        "random_output_len": args.random_output_len,
+        "random_range_ratio": args.random_range_ratio, "seed": args.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "engine_args": engine_kwargs, **result}
+    if args.baseline == "transformers":
+        record["baseline"] = _run_baseline(console, model_dir, dtype, requests,
+                                           args.baseline_batch_sizes)
+        record["speedup_vs_baseline"] = (
+            result["output_throughput"] / record["baseline"]["output_throughput"])
+    _print_table(console, record)
+    if args.output_file:
+        with args.output_file.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
+
+
+def _run_baseline(console: Any, model_dir: Path, dtype: Any, requests: list[BenchRequest],
+                  batch_sizes: str) -> dict[str, Any]:
+    from sglbatch.bench.transformers_baseline import run_transformers_generate
+
+    per_batch = {}
+    for bs in (int(b) for b in batch_sizes.split(",")):
+        with console.status(f"transformers generate, batch size {bs}..."):
+            seconds, tokens = run_transformers_generate(model_dir, dtype, requests, bs)
+        per_batch[bs] = tokens / seconds
+        console.print(f"transformers generate, batch {bs}: {per_batch[bs]:.1f} output tok/s")
+    best = max(per_batch, key=per_batch.get)
+    return {"name": "transformers", "best_batch_size": best,
+            "output_throughput": per_batch[best], "output_throughput_by_batch_size": per_batch}
+
+
+def _print_table(console: Any, record: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"bench offline: {record['dataset_name']}, {record['completed']} "
+                        f"requests, {record['dtype']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("duration", "total_input_tokens", "total_output_tokens", "request_throughput",
+                "input_throughput", "output_throughput", "cache_hit_rate"):
+        value = record[key]
+        table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    if "baseline" in record:
+        base = record["baseline"]
+        table.add_row(f"transformers output_throughput (batch {base['best_batch_size']})",
+                      f"{base['output_throughput']:.2f}")
+        table.add_row("speedup vs transformers", f"{record['speedup_vs_baseline']:.2f}x")
+    console.print(table)
