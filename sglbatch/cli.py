@@ -18,9 +18,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for f in dataclasses.fields(EngineConfig):
         flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type == "bool":
+            group.add_argument(flag, action="store_true", dest=f.name, help=help_text)
+            continue
         kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
         group.add_argument(flag, type=kind, default=f.default, dest=f.name,
-                           help=f"{f.metadata.get('help', '')} (default: {f.default})")
+                           help=f"{help_text} (default: {f.default})")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

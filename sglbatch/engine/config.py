@@ -38,13 +38,22 @@ class EngineConfig:
                 "(-1 disables chunking)"})
     max_prefill_tokens: int = field(default=16384, metadata={
         "help": "most new prompt tokens in one prefill step when chunking is disabled"})
+    disable_radix_cache: bool = field(default=False, metadata={
+        "help": "turn off prefix caching (every prompt is computed in full)"})
+    schedule_policy: str = field(default="lpm", metadata={
+        "help": "waiting-queue order: lpm (longest cached prefix first) | fcfs | lof "
+                "(longest output first) | random"})
+    schedule_conservativeness: float = field(default=1.0, metadata={
+        "help": "scales how many future decode tokens admission reserves; higher admits "
+                "fewer requests but retracts less"})
     random_seed: int = field(default=0, metadata={"help": "seed for requests without one"})
     num_threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's choice)"})
 
     def __post_init__(self) -> None:
         choices = {"dtype": ("auto", "float32", "bfloat16", "float16"),
-                   "device": ("cpu", "cuda"), "attention_backend": ("auto", "torch")}
+                   "device": ("cpu", "cuda"), "attention_backend": ("auto", "torch"),
+                   "schedule_policy": ("lpm", "fcfs", "lof", "random")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
@@ -57,6 +66,9 @@ class EngineConfig:
         if self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1:
             raise ValueError(
                 f"chunked_prefill_size must be > 0 or -1 (disabled), got {self.chunked_prefill_size}")
+        if self.schedule_conservativeness <= 0:
+            raise ValueError("schedule_conservativeness must be > 0, got "
+                             f"{self.schedule_conservativeness}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
 

@@ -105,6 +105,12 @@ class Engine:
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
 
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache. As SGLang, refused (False) while requests are in flight."""
+        result: queue.Queue[bool] = queue.Queue()
+        self._inbox.put(("flush", result.put))
+        return result.get()
+
     def shutdown(self) -> None:
         if self._stopped:
             return
@@ -195,6 +201,8 @@ class Engine:
                 return False
             if kind == "add":
                 self._add(payload)
+            elif kind == "flush":
+                payload(self.scheduler.flush_cache())
             elif kind == "abort":
                 req = self.scheduler.abort(payload, "aborted by the client")
                 if req is not None:

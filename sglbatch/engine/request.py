@@ -154,6 +154,8 @@ class Req:
     Token layout: `fill_ids = input_ids + output_ids`. The first `kv_len` of them have their
     K/V in the pool (slots `req_to_token[req_pool_idx, :kv_len]`); the rest still need a
     forward pass. A decode step always has exactly one pending token: the last output.
+    Of the `kv_len` slots, the first `tree_len` belong to the radix cache, the rest to the
+    request itself.
     """
 
     rid: str
@@ -163,10 +165,11 @@ class Req:
     status: ReqStatus = ReqStatus.WAITING
     req_pool_idx: int | None = None
     kv_len: int = 0
+    tree_len: int = 0  # leading slots owned by the prefix cache (locked through `tree_node`)
+    tree_node: Any = None  # deepest radix-cache node this request has locked
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     finish_reason: FinishReason | None = None
     seed: int = 0  # the sampling seed actually used (random when the user gave none)
-    num_retractions: int = 0
 
     @property
     def fill_ids(self) -> list[int]:

@@ -2,12 +2,15 @@
 
 Prefill first (as SGLang and nano-vllm do): when waiting requests fit, the step is an extend
 batch of them, else it is one decode token for every running request. KV slots are taken
-here, at scheduling time, and given back when a request finishes, aborts or is retracted.
+here, at scheduling time. A request's cached prefix comes from the radix cache (locked while
+the request runs); its computed tokens go back into the cache after each prefill and when it
+finishes, is retracted or aborted, so the next request with the same prefix skips them.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections import deque
 
 import torch
@@ -15,6 +18,8 @@ import torch
 from sglbatch.engine.batch import Batch, ForwardMode
 from sglbatch.engine.config import EngineConfig
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
+from sglbatch.engine.policy import NewTokenRatio, order_waiting
+from sglbatch.engine.radix_cache import RadixCache
 from sglbatch.engine.request import FinishReason, Req, ReqStatus
 
 logger = logging.getLogger(__name__)
@@ -27,6 +32,11 @@ class Scheduler:
         self.kv_pool = kv_pool
         self.req_to_token = req_to_token
         self.eos_token_ids = set(eos_token_ids)
+        self.cache = None if config.disable_radix_cache else RadixCache(kv_pool)
+        self.policy = config.schedule_policy if self.cache else (
+            "fcfs" if config.schedule_policy == "lpm" else config.schedule_policy)
+        self.new_token_ratio = NewTokenRatio(config.schedule_conservativeness)
+        self._rng = random.Random(config.random_seed)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked_req: Req | None = None  # mid-prompt; continues before anyone else
@@ -36,47 +46,61 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked_req)
 
+    @property
+    def num_available_slots(self) -> int:
+        """Free slots plus cached ones that eviction could free."""
+        return self.kv_pool.num_free + (self.cache.evictable_size if self.cache else 0)
+
     def add_request(self, req: Req) -> None:
         self.waiting.append(req)
 
     def schedule(self) -> Batch | None:
         return self._schedule_prefill() or self._schedule_decode()
 
+    # ---- prefill ------------------------------------------------------------------------
+
     def _schedule_prefill(self) -> Batch | None:
+        if not (self.waiting or self.chunked_req):
+            return None
+        # Slots the running requests are expected to need for their remaining decode steps.
+        reserved = sum(self.new_token_ratio.reserve(r) for r in self.running)
+        if self.num_available_slots - reserved <= 1:
+            return None
+        self.waiting = order_waiting(self.policy, self.waiting, self.cache, self._rng)
         chunking = self.config.chunked_prefill_size > 0
         budget = self.config.prefill_token_budget
         prior_chunked = self.chunked_req
-        candidates = ([prior_chunked] if prior_chunked else []) + list(self.waiting)
         reqs: list[Req] = []
         lens: list[int] = []
         slots: list[torch.Tensor] = []
-        for req in candidates:
+        for req in ([prior_chunked] if prior_chunked else []) + list(self.waiting):
             is_new = req.req_pool_idx is None
             if budget <= 0 or (is_new and len(self.running) + len(reqs)
                                >= self.config.max_running_requests):
                 break
+            if is_new and not self._claim_row_and_prefix(req):
+                break
             extend_len = req.pending_len
-            if extend_len > budget:
-                if not chunking and reqs:
-                    break
+            if extend_len > budget and (chunking or not reqs):
                 extend_len = budget if chunking else extend_len
-            # Keep one slot per decoding request free so the next decode step fits.
-            room = self.kv_pool.num_free - (len(self.running) + len(reqs) + 1)
-            if extend_len > room:
-                if not chunking or room <= 0:
+            elif extend_len > budget:
+                self._unclaim(req)
+                break
+            room = self.num_available_slots - reserved
+            if extend_len + self.new_token_ratio.reserve(req) > room:
+                if not chunking or room <= 1:
+                    if is_new:
+                        self._unclaim(req)
                     break
-                extend_len = room
-            if is_new:
-                row = self.req_to_token.alloc()
-                if row is None:
-                    break
-                req.req_pool_idx = row
-            new_slots = self.kv_pool.alloc(extend_len)
-            self.req_to_token.table[req.req_pool_idx, req.kv_len:req.kv_len + extend_len] = new_slots
+                extend_len = min(extend_len, room - 1)  # a chunk; its decode reserve comes later
+            new_slots = self._alloc_slots(extend_len)
+            self.req_to_token.table[req.req_pool_idx, req.kv_len:req.kv_len + extend_len] = \
+                new_slots
             reqs.append(req)
             lens.append(extend_len)
             slots.append(new_slots)
             budget -= extend_len
+            reserved += extend_len + self.new_token_ratio.reserve(req)
         if not reqs:
             return None
         if reqs[0] is prior_chunked:
@@ -85,14 +109,50 @@ class Scheduler:
             self.waiting.popleft()  # admitted waiting requests are a prefix of the queue
         return Batch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots))
 
+    def _claim_row_and_prefix(self, req: Req) -> bool:
+        """Give a newly admitted request a table row and its cached prefix (locked)."""
+        row = self.req_to_token.alloc()
+        if row is None:
+            return False
+        req.req_pool_idx = row
+        if self.cache is None:
+            return True
+        # At least one token must be computed: its logits give the next token.
+        prefix, node = self.cache.match_prefix(req.fill_ids[:req.fill_len - 1])
+        self.cache.lock(node)
+        self.req_to_token.table[row, :len(prefix)] = prefix
+        req.kv_len = req.tree_len = len(prefix)
+        req.tree_node = node
+        req.cached_tokens = max(req.cached_tokens, min(len(prefix), len(req.input_ids)))
+        return True
+
+    def _unclaim(self, req: Req) -> None:
+        """Undo `_claim_row_and_prefix` for a request that did not fit after all."""
+        if self.cache is not None and req.tree_node is not None:
+            self.cache.unlock(req.tree_node)
+        self.req_to_token.free(req.req_pool_idx)
+        req.req_pool_idx, req.tree_node, req.kv_len, req.tree_len = None, None, 0, 0
+
+    def _alloc_slots(self, n: int) -> torch.Tensor:
+        slots = self.kv_pool.alloc(n)
+        if slots is None and self.cache is not None:
+            self.cache.evict(n - self.kv_pool.num_free)
+            slots = self.kv_pool.alloc(n)
+        if slots is None:
+            raise RuntimeError(f"KV pool: {n} slots asked for, {self.kv_pool.num_free} free")
+        return slots
+
+    # ---- decode -------------------------------------------------------------------------
+
     def _schedule_decode(self) -> Batch | None:
-        while self.running and self.kv_pool.num_free < len(self.running):
+        while self.running and self.num_available_slots < len(self.running):
             self._retract(self._pick_retract_victim())
         if not self.running:
             return None
-        slots = self.kv_pool.alloc(len(self.running))
+        slots = self._alloc_slots(len(self.running))
         for req, slot in zip(self.running, slots):
             self.req_to_token.table[req.req_pool_idx, req.kv_len] = slot
+        self.new_token_ratio.on_decode_step()
         return Batch(ForwardMode.DECODE, list(self.running), [1] * len(self.running), slots)
 
     def _pick_retract_victim(self) -> Req:
@@ -101,15 +161,18 @@ class Scheduler:
         return min(reversed(self.running), key=lambda r: len(r.output_ids))
 
     def _retract(self, req: Req) -> None:
-        """Give back a running request's KV; it waits at the head of the queue to recompute."""
+        """Give back a running request's KV; it waits at the head of the queue to recompute
+        (with the radix cache on, from whatever of its tokens is still cached)."""
         self.running.remove(req)
-        self._free_kv(req)
+        self._release(req)
         req.status = ReqStatus.WAITING
-        req.num_retractions += 1
         self.num_retractions += 1
+        self.new_token_ratio.on_retract()
         self.waiting.appendleft(req)
         logger.info("KV pool exhausted: retracted %s (%d tokens to recompute)",
                     req.rid, req.fill_len)
+
+    # ---- after the forward pass ---------------------------------------------------------
 
     def process_output(self, batch: Batch, next_token_ids: list[int]) -> list[Req]:
         """Record a step's results; returns the requests that received a new token."""
@@ -117,6 +180,8 @@ class Scheduler:
         for i, req in enumerate(batch.reqs):
             gets_token = batch.samples(i)
             req.kv_len += batch.extend_lens[i]
+            if batch.mode == ForwardMode.EXTEND and self.cache is not None:
+                self._cache_computed_prefix(req)
             if not gets_token:
                 self.chunked_req = req
                 continue
@@ -128,6 +193,20 @@ class Scheduler:
             updated.append(req)
         return updated
 
+    def _cache_computed_prefix(self, req: Req) -> None:
+        """Move a request's computed tokens into the cache so waiting requests can share them.
+        Where the cache already had some of them, the request switches to the cached slots
+        and frees its own copies."""
+        token_ids = req.fill_ids[:req.kv_len]
+        row = self.req_to_token.table[req.req_pool_idx]
+        already = self.cache.insert(token_ids, row[:req.kv_len].clone())
+        self.kv_pool.free(row[req.tree_len:already].clone())
+        slots, node = self.cache.match_prefix(token_ids)
+        row[:len(slots)] = slots
+        self.cache.lock(node)
+        self.cache.unlock(req.tree_node)
+        req.tree_node, req.tree_len = node, len(slots)
+
     def _check_token_finish(self, req: Req) -> None:
         params = req.sampling_params
         token = req.output_ids[-1]
@@ -138,18 +217,18 @@ class Scheduler:
             req.finish_reason = FinishReason.stop(token)
 
     def release_finished(self) -> list[Req]:
-        """Remove finished requests from the running set and free their KV."""
+        """Remove finished requests from the running set and release their KV."""
         finished = [r for r in self.running if r.is_finished]
         if finished:
             self.running = [r for r in self.running if not r.is_finished]
             for req in finished:
-                self._free_kv(req)
+                self._release(req)
                 req.status = ReqStatus.FINISHED
         return finished
 
     def abort(self, rid: str, message: str) -> Req | None:
         """Drop a request wherever it is; returns it (finished as aborted) or None if unknown."""
-        for req in [*self.waiting, *self.running, *([self.chunked_req] if self.chunked_req else [])]:
+        for req in self._all_reqs():
             if req.rid == rid:
                 break
         else:
@@ -160,19 +239,36 @@ class Scheduler:
             self.running.remove(req)
         if req is self.chunked_req:
             self.chunked_req = None
-        self._free_kv(req)
+        self._release(req)
         req.finish_reason = FinishReason.abort(message)
         req.status = ReqStatus.FINISHED
         return req
 
     def abort_all(self, message: str) -> list[Req]:
-        reqs = [*self.waiting, *self.running, *([self.chunked_req] if self.chunked_req else [])]
-        return [self.abort(r.rid, message) for r in reqs]
+        return [self.abort(r.rid, message) for r in self._all_reqs()]
 
-    def _free_kv(self, req: Req) -> None:
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache; refused (False) while any request is in flight."""
+        if self.has_work:
+            return False
+        if self.cache is not None:
+            self.cache.flush()
+        return True
+
+    def _all_reqs(self) -> list[Req]:
+        return [*self.waiting, *self.running, *([self.chunked_req] if self.chunked_req else [])]
+
+    def _release(self, req: Req) -> None:
+        """Give back a request's row and KV: computed tokens into the cache (its duplicates
+        and the rest freed), or everything freed when caching is off."""
         if req.req_pool_idx is None:
             return
-        self.kv_pool.free(self.req_to_token.table[req.req_pool_idx, :req.kv_len])
+        row = self.req_to_token.table[req.req_pool_idx]
+        if self.cache is None:
+            self.kv_pool.free(row[:req.kv_len].clone())
+        else:
+            already = self.cache.insert(req.fill_ids[:req.kv_len], row[:req.kv_len].clone())
+            self.kv_pool.free(row[req.tree_len:already].clone())
+            self.cache.unlock(req.tree_node)
         self.req_to_token.free(req.req_pool_idx)
-        req.req_pool_idx = None
-        req.kv_len = 0
+        req.req_pool_idx, req.tree_node, req.kv_len, req.tree_len = None, None, 0, 0

@@ -46,8 +46,14 @@ def hf_model(smollm2_dir: Path):
 
 
 def assert_pool_whole(engine) -> None:
-    """After all requests finish, every KV slot and table row is free again."""
+    """After all requests finish, every KV slot is free or cached (and unlocked), and
+    flushing the cache makes the pool whole again."""
     runner = engine.model_runner
+    cache = engine.scheduler.cache
     assert not engine.scheduler.has_work
+    cached = cache.total_size if cache else 0
+    assert cache is None or cache.protected_size == 0
+    assert runner.kv_pool.num_free + cached == runner.kv_pool.num_slots
+    assert engine.flush_cache()
     assert runner.kv_pool.num_free == runner.kv_pool.num_slots
     assert runner.req_to_token_pool.num_free == runner.req_to_token_pool.num_rows
