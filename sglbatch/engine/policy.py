@@ -12,27 +12,46 @@ SCHEDULE_POLICIES = ("lpm", "fcfs", "lof", "random")
 # Matching every waiting request against the tree costs time; past this many, LPM is not
 # worth it and the queue stays first come first served (SGLang uses the same cut-off).
 LPM_MAX_QUEUE = 128
+# Requests whose first tokens beyond the cache are this many tokens alike share a prefix
+# that is not cached yet.
+IN_BATCH_PREFIX_TOKENS = 32
 
 
 def order_waiting(policy: str, waiting: deque[Req], cache: RadixCache | None,
-                  rng: random.Random) -> deque[Req]:
-    """The queue in the order admission should try it."""
+                  rng: random.Random) -> tuple[deque[Req], set[int]]:
+    """The queue in the order admission should try it, and the ids of requests to hold back
+    this step: with lpm, a request that shares an uncached prefix with one ahead of it waits
+    until that one has put the prefix in the cache, instead of computing it a second time."""
     if policy == "fcfs" or len(waiting) <= 1:
-        return waiting
+        return waiting, set()
     if policy == "lpm":
         if cache is None or len(waiting) > LPM_MAX_QUEUE:
-            return waiting
+            return waiting, set()
         # Longest cached prefix first: requests sharing a prefix run while it is cached.
         # sorted() is stable, so equal matches keep their arrival order.
         matched = {id(r): len(cache.match_prefix(r.fill_ids)[0]) for r in waiting}
-        return deque(sorted(waiting, key=lambda r: -matched[id(r)]))
+        ordered = deque(sorted(waiting, key=lambda r: -matched[id(r)]))
+        return ordered, _share_uncached_prefix(ordered, matched)
     if policy == "lof":
-        return deque(sorted(waiting, key=lambda r: -r.sampling_params.max_new_tokens))
+        return deque(sorted(waiting, key=lambda r: -r.sampling_params.max_new_tokens)), set()
     if policy == "random":
         items = list(waiting)
         rng.shuffle(items)
-        return deque(items)
+        return deque(items), set()
     raise ValueError(f"schedule_policy={policy!r} is not one of {list(SCHEDULE_POLICIES)}")
+
+
+def _share_uncached_prefix(ordered: deque[Req], matched: dict[int, int]) -> set[int]:
+    seen: set[tuple[int, ...]] = set()
+    deferred = set()
+    for req in ordered:
+        if matched[id(req)] >= IN_BATCH_PREFIX_TOKENS or req.fill_len <= IN_BATCH_PREFIX_TOKENS:
+            continue
+        key = tuple(req.fill_ids[:IN_BATCH_PREFIX_TOKENS])
+        if key in seen:
+            deferred.add(id(req))
+        seen.add(key)
+    return deferred
 
 
 class NewTokenRatio:

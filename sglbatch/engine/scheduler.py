@@ -66,7 +66,7 @@ class Scheduler:
         reserved = sum(self.new_token_ratio.reserve(r) for r in self.running)
         if self.num_available_slots - reserved <= 1:
             return None
-        self.waiting = order_waiting(self.policy, self.waiting, self.cache, self._rng)
+        self.waiting, deferred = order_waiting(self.policy, self.waiting, self.cache, self._rng)
         chunking = self.config.chunked_prefill_size > 0
         budget = self.config.prefill_token_budget
         prior_chunked = self.chunked_req
@@ -74,6 +74,8 @@ class Scheduler:
         lens: list[int] = []
         slots: list[torch.Tensor] = []
         for req in ([prior_chunked] if prior_chunked else []) + list(self.waiting):
+            if id(req) in deferred:
+                continue
             is_new = req.req_pool_idx is None
             if budget <= 0 or (is_new and len(self.running) + len(reqs)
                                >= self.config.max_running_requests):
@@ -105,8 +107,8 @@ class Scheduler:
             return None
         if reqs[0] is prior_chunked:
             self.chunked_req = None  # process_output sets it again if still unfinished
-        for _ in range(sum(r is not prior_chunked for r in reqs)):
-            self.waiting.popleft()  # admitted waiting requests are a prefix of the queue
+        admitted = {id(r) for r in reqs}
+        self.waiting = deque(r for r in self.waiting if id(r) not in admitted)
         return Batch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots))
 
     def _claim_row_and_prefix(self, req: Req) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,44 @@ def test_bench_offline_with_transformers_baseline_writes_consistent_record(smoll
     assert rec["speedup_vs_baseline"] == pytest.approx(
         rec["output_throughput"] / rec["baseline"]["output_throughput"])
     assert records[1]["total_output_tokens"] == rec["total_output_tokens"]  # same seed, same work
+
+
+def test_iter_json_array_stops_cleanly_at_a_truncated_record():
+    import io
+
+    from sglbatch.bench.datasets import iter_json_array
+
+    text = json.dumps([{"a": i, "s": "x" * 50} for i in range(100)])
+    assert [r["a"] for r in iter_json_array(io.StringIO(text), chunk_chars=64)] == list(range(100))
+    cut = text[:text.index('{"a": 57')] + '{"a": 57, "s": "xx'
+    assert [r["a"] for r in iter_json_array(io.StringIO(cut), chunk_chars=64)] == list(range(57))
+
+
+SHARED_GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "gsm8k"
+
+
+@pytest.mark.parametrize("dataset_args", [
+    pytest.param(["--dataset-name", "sharegpt", "--num-prompts", "4", "--sharegpt-output-len",
+                  "4", "--sharegpt-context-len", "128"], id="sharegpt"),
+    pytest.param(["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "2",
+                  "--gsp-prompts-per-group", "3", "--gsp-system-prompt-len", "64",
+                  "--gsp-question-len", "8", "--gsp-output-len", "4"], id="generated-shared-prefix"),
+    pytest.param(["--dataset-name", "gsm8k", "--dataset-path", str(SHARED_GSM8K),
+                  "--num-prompts", "3", "--num-shots", "2", "--gsm8k-output-len", "24"],
+                 id="gsm8k"),
+])
+def test_bench_offline_datasets(smollm2_dir, tmp_path, dataset_args):
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "offline", "--model-path", str(smollm2_dir), "--output-file", str(out),
+                 *dataset_args]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["dataset_name"] == dataset_args[1]
+    assert rec["completed"] == {"sharegpt": 4, "generated-shared-prefix": 6, "gsm8k": 3}[
+        rec["dataset_name"]]
+    assert rec["output_throughput"] > 0 and rec["total_output_tokens"] > 0
+    if rec["dataset_name"] == "generated-shared-prefix":
+        # 6 prompts in 2 groups: at least 4 of them find their 64-token system prompt cached.
+        assert rec["cache_hit_rate"] >= 4 * 64 / rec["total_input_tokens"]
+    if rec["dataset_name"] == "gsm8k":
+        assert rec["cache_hit_rate"] > 0.3  # the 2-shot prefix is shared
+        assert rec["total_output_tokens"] <= 3 * 24

@@ -1,6 +1,14 @@
-"""Reference attention on plain torch (SDPA over gathered KV): the CPU path and the oracle."""
+"""Attention on plain torch over the paged KV pool: the CPU path and the oracle.
+
+Decode uses cascade attention: requests whose slot rows begin with the same slots (a
+prefix shared through the radix cache) form a group; the group's prefix K/V is gathered
+once and attended by all its queries in one matmul, each request's own suffix separately,
+and the two softmax parts are merged exactly through their log-sum-exps.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -8,26 +16,72 @@ import torch.nn.functional as F
 from sglbatch.engine.attention.base import AttentionBackend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
 
+# A shared prefix shorter than this is not worth a separate pass.
+MIN_SHARED_PREFIX = 32
+
+
+@dataclass
+class _SharedPrefix:
+    rows: torch.Tensor  # batch indices of the requests sharing it
+    slots: torch.Tensor  # the prefix's slots
+
+
+@dataclass
+class _DecodeMetadata:
+    suffix_slots: torch.Tensor  # [batch * max_suffix] each request's slots after its prefix
+    suffix_pad: torch.Tensor  # [1, batch, 1, max_suffix] True where padding
+    max_suffix: int
+    shared: list[_SharedPrefix]
+
+
+def _shared_prefixes(rows: torch.Tensor, seq_lens: list[int]) -> tuple[list[_SharedPrefix],
+                                                                       list[int]]:
+    """Groups of requests whose slot rows start alike, and each request's shared length."""
+    by_first: dict[int, list[int]] = {}
+    for b, first in enumerate(rows[:, 0].tolist()):
+        by_first.setdefault(first, []).append(b)
+    prefix_lens = [0] * len(seq_lens)
+    shared = []
+    for members in by_first.values():
+        if len(members) < 2:
+            continue
+        # The current token's slot is each request's own, so a prefix is always < seq_len.
+        width = min(seq_lens[b] for b in members) - 1
+        sub = rows[members, :width]
+        same = (sub == sub[:1]).all(dim=0)
+        length = int(same.logical_not().nonzero()[0]) if not bool(same.all()) else width
+        if length < MIN_SHARED_PREFIX:
+            continue
+        for b in members:
+            prefix_lens[b] = length
+        shared.append(_SharedPrefix(torch.tensor(members), sub[0, :length].clone()))
+    return shared, prefix_lens
+
 
 class TorchNativeBackend(AttentionBackend):
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         if fb.mode == ForwardMode.DECODE:
-            # One padded gather for the whole batch: [batch, max_len] slot ids plus a mask that
-            # hides the padding (padding rows point at whatever the table holds; masked out).
-            max_len = max(fb.seq_lens_cpu)
-            self._decode_slots = fb.req_to_token[fb.req_pool_indices, :max_len].reshape(-1)
-            self._decode_shape = (fb.batch_size, max_len)
-            arange = torch.arange(max_len, device=fb.seq_lens.device)
-            self._decode_pad = (arange[None, :] >= fb.seq_lens[:, None])[None, :, None, :]
-        else:
-            self._extend_slots = []
-            self._extend_masks = []
-            for i, (prefix_len, seq_len) in enumerate(zip(fb.prefix_lens_cpu, fb.seq_lens_cpu)):
-                row = fb.req_to_token[fb.req_pool_indices[i], :seq_len]
-                self._extend_slots.append(row)
-                # Query j sits at absolute position prefix_len + j and sees keys 0..that position.
-                q_pos = torch.arange(prefix_len, seq_len)
-                self._extend_masks.append(torch.arange(seq_len)[None, :] <= q_pos[:, None])
+            self._decode_meta = self._decode_metadata(fb)
+            return
+        self._extend_slots = []
+        self._extend_masks = []
+        for i, (prefix_len, seq_len) in enumerate(zip(fb.prefix_lens_cpu, fb.seq_lens_cpu)):
+            self._extend_slots.append(fb.req_to_token[fb.req_pool_indices[i], :seq_len])
+            # Query j sits at absolute position prefix_len + j and sees keys 0..that position.
+            q_pos = torch.arange(prefix_len, seq_len)
+            self._extend_masks.append(torch.arange(seq_len)[None, :] <= q_pos[:, None])
+
+    def _decode_metadata(self, fb: ForwardBatch) -> _DecodeMetadata:
+        rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]
+        shared, prefix_lens = _shared_prefixes(rows, fb.seq_lens_cpu)
+        suffix_lens = torch.tensor([s - p for s, p in zip(fb.seq_lens_cpu, prefix_lens)])
+        max_suffix = int(suffix_lens.max())
+        cols = torch.tensor(prefix_lens)[:, None] + torch.arange(max_suffix)[None, :]
+        # Padding columns read the row's last entry; the mask hides them.
+        suffix_slots = rows.gather(1, cols.clamp(max=rows.shape[1] - 1))
+        pad = torch.arange(max_suffix)[None, :] >= suffix_lens[:, None]
+        return _DecodeMetadata(suffix_slots.reshape(-1), pad[None, :, None, :], max_suffix,
+                               shared)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 fb: ForwardBatch) -> torch.Tensor:
@@ -41,19 +95,39 @@ class TorchNativeBackend(AttentionBackend):
             out = self._extend(q, k, v, layer_id, fb)
         return out.reshape(-1, self.num_heads * self.head_dim)
 
-    def _decode(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
-        # Batched matmuls over (kv head, request), the kv head's query heads as rows; SDPA's
-        # CPU kernels are several times slower at query length 1 (bf16 most of all).
-        batch, max_len = self._decode_shape
-        group = self.num_heads // self.num_kv_heads
-        k, v = self.kv_pool.get_kv(layer_id, self._decode_slots)
-        k = k.view(self.num_kv_heads, batch, max_len, self.head_dim)
-        v = v.view(self.num_kv_heads, batch, max_len, self.head_dim)
-        q = q.view(batch, self.num_kv_heads, group, self.head_dim).transpose(0, 1)
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax attention and its log-sum-exp (fp32) for merging with other parts.
+        Batched matmuls with a kv head's query heads as rows: SDPA's CPU kernels are several
+        times slower at query length 1 (bf16 most of all)."""
         scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(self.scale)
-        probs = torch.softmax(scores.masked_fill_(self._decode_pad, float("-inf")), dim=-1)
-        out = torch.matmul(probs.to(v.dtype), v)  # [kv_heads, batch, group, head_dim]
-        return out.transpose(0, 1).reshape(batch, self.num_heads, self.head_dim)
+        if pad is not None:
+            scores.masked_fill_(pad, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = torch.exp(scores.sub_(lse))
+        return torch.matmul(probs.to(v.dtype), v).float(), lse
+
+    def _decode(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
+        meta = self._decode_meta
+        batch = q.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        q = q.view(batch, self.num_kv_heads, group, self.head_dim).transpose(0, 1)
+        k, v = self.kv_pool.get_kv(layer_id, meta.suffix_slots)
+        shape = (self.num_kv_heads, batch, meta.max_suffix, self.head_dim)
+        out, lse = self._attend(q, k.view(shape), v.view(shape), meta.suffix_pad)
+        for prefix in meta.shared:
+            # One matmul for all queries of the group against the prefix gathered once.
+            k_p, v_p = self.kv_pool.get_kv(layer_id, prefix.slots)
+            n = len(prefix.rows)
+            q_g = q[:, prefix.rows].reshape(self.num_kv_heads, n * group, self.head_dim)
+            out_p, lse_p = self._attend(q_g, k_p, v_p, None)
+            out_p = out_p.view(self.num_kv_heads, n, group, self.head_dim)
+            lse_p = lse_p.view(self.num_kv_heads, n, group, 1)
+            lse_s = lse[:, prefix.rows]
+            total = torch.logaddexp(lse_s, lse_p)
+            out[:, prefix.rows] = (out[:, prefix.rows] * torch.exp(lse_s - total)
+                                   + out_p * torch.exp(lse_p - total))
+        return out.to(q.dtype).transpose(0, 1).reshape(batch, self.num_heads, self.head_dim)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 fb: ForwardBatch) -> torch.Tensor:
@@ -69,8 +143,7 @@ class TorchNativeBackend(AttentionBackend):
                 k_i, v_i = self.kv_pool.get_kv(layer_id, self._extend_slots[i])
                 mask, causal = self._extend_masks[i], False
             out[start:end] = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1), k_i, v_i,
-                attn_mask=mask, is_causal=causal, scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads).transpose(0, 1)
+                q[start:end].transpose(0, 1), k_i, v_i, attn_mask=mask, is_causal=causal,
+                scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads).transpose(0, 1)
             start = end
         return out
