@@ -103,12 +103,16 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
             result = run_engine(engine, requests)
         model_dir = engine.model_runner.model_dir
         dtype = engine.model_runner.dtype
+        from sglbatch.bench.ceiling import decode_ceiling
+
+        ceiling = decode_ceiling(engine.model_runner.model, dtype)
     dataset_args = {k: v for k, v in vars(args).items()
                      if k.split("_")[0] in ("dataset", "num", "random", "sharegpt", "gsp", "seed",
                                             "gsm8k")}
     record: dict[str, Any] = {
         "backend": "sglbatch", **dataset_args, "dtype": str(dtype).removeprefix("torch."),
-        "engine_args": engine_kwargs, **result}
+        "engine_args": engine_kwargs, **result, "compute_ceiling": ceiling,
+        "fraction_of_ceiling": result["output_throughput"] / ceiling["ceiling_tokens_per_s"]}
     if args.baseline == "transformers":
         record["baseline"] = _run_baseline(console, model_dir, dtype, requests,
                                            args.baseline_batch_sizes)
@@ -147,6 +151,11 @@ def _print_table(console: Any, record: dict[str, Any]) -> None:
                 "input_throughput", "output_throughput", "cache_hit_rate"):
         value = record[key]
         table.add_row(key, f"{value:.2f}" if isinstance(value, float) else str(value))
+    ceiling = record["compute_ceiling"]
+    table.add_row(f"compute ceiling ({ceiling['matmul_gflops']:.0f} GFLOP/s / "
+                  f"{ceiling['model_mflops_per_token']:.0f} MFLOP per token)",
+                  f"{ceiling['ceiling_tokens_per_s']:.0f} tok/s")
+    table.add_row("output throughput / ceiling", f"{record['fraction_of_ceiling']:.1%}")
     if "baseline" in record:
         base = record["baseline"]
         table.add_row(f"transformers output_throughput (batch {base['best_batch_size']})",

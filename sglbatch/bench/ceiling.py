@@ -1,0 +1,31 @@
+"""The compute ceiling for batched decode on this machine: what a large matmul in the
+model's dtype reaches, divided by the model's FLOPs per generated token."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+
+def model_flops_per_token(model: nn.Module) -> int:
+    """2 FLOPs per weight of every linear layer (the LM head included; tied or not)."""
+    return 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def matmul_flops_per_second(dtype: torch.dtype, size: int = 1024, repeats: int = 20) -> float:
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def decode_ceiling(model: nn.Module, dtype: torch.dtype) -> dict[str, float]:
+    flops = matmul_flops_per_second(dtype)
+    per_token = model_flops_per_token(model)
+    return {"matmul_gflops": flops / 1e9, "model_mflops_per_token": per_token / 1e6,
+            "ceiling_tokens_per_s": flops / per_token}
