@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sglbatch.bench import datasets
+from sglbatch.bench.ceiling import decode_ceiling, model_flops_per_token
 from sglbatch.bench.datasets import BenchRequest
 
 
@@ -40,8 +41,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="gsm8k: max_new_tokens; outputs stop at \"Question\" "
                              "(default: 256)")
     parser.add_argument("--seed", type=int, default=1, help="(default: 1)")
-    parser.add_argument("--baseline", choices=["transformers"],
-                        help="also run transformers `generate` on the same requests")
+    parser.add_argument("--baseline", choices=["transformers", "llama-cpp"],
+                        help="also run a peer on the same requests: transformers `generate` "
+                             "(batched) or llama.cpp's Python API on the same GGUF")
     parser.add_argument("--baseline-batch-sizes", default="16,64,128",
                         help="batch sizes tried for the baseline; the best counts "
                              "(default: 16,64,128)")
@@ -103,9 +105,9 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
             result = run_engine(engine, requests)
         model_dir = engine.model_runner.model_dir
         dtype = engine.model_runner.dtype
-        from sglbatch.bench.ceiling import decode_ceiling
-
-        ceiling = decode_ceiling(engine.model_runner.model, dtype)
+        flops_per_token = model_flops_per_token(engine.model_runner.model)
+    # Measured with the engine's thread gone: two threads running torch at once slow each other.
+    ceiling = decode_ceiling(flops_per_token, dtype)
     dataset_args = {k: v for k, v in vars(args).items()
                      if k.split("_")[0] in ("dataset", "num", "random", "sharegpt", "gsp", "seed",
                                             "gsm8k")}
@@ -114,8 +116,11 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
         "engine_args": engine_kwargs, **result, "compute_ceiling": ceiling,
         "fraction_of_ceiling": result["output_throughput"] / ceiling["ceiling_tokens_per_s"]}
     if args.baseline == "transformers":
-        record["baseline"] = _run_baseline(console, model_dir, dtype, requests,
+        record["baseline"] = _run_transformers(console, model_dir, dtype, requests,
                                            args.baseline_batch_sizes)
+    elif args.baseline == "llama-cpp":
+        record["baseline"] = _run_llamacpp(console, model_dir, requests)
+    if args.baseline:
         record["speedup_vs_baseline"] = (
             result["output_throughput"] / record["baseline"]["output_throughput"])
     _print_table(console, record)
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
     return record
 
 
-def _run_baseline(console: Any, model_dir: Path, dtype: Any, requests: list[BenchRequest],
+def _run_transformers(console: Any, model_dir: Path, dtype: Any, requests: list[BenchRequest],
                   batch_sizes: str) -> dict[str, Any]:
     from sglbatch.bench.transformers_baseline import run_transformers_generate
 
@@ -138,6 +143,20 @@ def _run_baseline(console: Any, model_dir: Path, dtype: Any, requests: list[Benc
     best = max(per_batch, key=per_batch.get)
     return {"name": "transformers", "best_batch_size": best,
             "output_throughput": per_batch[best], "output_throughput_by_batch_size": per_batch}
+
+
+def _run_llamacpp(console: Any, model_dir: Path, requests: list[BenchRequest]
+                  ) -> dict[str, Any]:
+    from sglbatch.bench.llamacpp_baseline import run_llamacpp
+
+    source = model_dir / "sglbatch_source.json"
+    if not source.exists():
+        raise ValueError("--baseline llama-cpp needs a model loaded from a .gguf file")
+    gguf = Path(json.loads(source.read_text())["source"])
+    with console.status("llama.cpp, one sequence at a time..."):
+        seconds, tokens = run_llamacpp(gguf, requests)
+    return {"name": "llama-cpp", "output_throughput": tokens / seconds,
+            "total_output_tokens": tokens, "duration": seconds}
 
 
 def _print_table(console: Any, record: dict[str, Any]) -> None:
@@ -158,7 +177,8 @@ def _print_table(console: Any, record: dict[str, Any]) -> None:
     table.add_row("output throughput / ceiling", f"{record['fraction_of_ceiling']:.1%}")
     if "baseline" in record:
         base = record["baseline"]
-        table.add_row(f"transformers output_throughput (batch {base['best_batch_size']})",
+        batch = f" (batch {base['best_batch_size']})" if "best_batch_size" in base else ""
+        table.add_row(f"{base['name']} output_throughput{batch}",
                       f"{base['output_throughput']:.2f}")
-        table.add_row("speedup vs transformers", f"{record['speedup_vs_baseline']:.2f}x")
+        table.add_row(f"speedup vs {base['name']}", f"{record['speedup_vs_baseline']:.2f}x")
     console.print(table)

@@ -83,11 +83,13 @@ class Scheduler:
             if is_new and not self._claim_row_and_prefix(req):
                 break
             extend_len = req.pending_len
-            if extend_len > budget and (chunking or not reqs):
-                extend_len = budget if chunking else extend_len
-            elif extend_len > budget:
-                self._unclaim(req)
-                break
+            if extend_len > budget:
+                if chunking:
+                    extend_len = budget
+                elif reqs:
+                    self._unclaim(req)
+                    break
+                # else: with chunking off, a prompt over the budget runs alone, whole.
             room = self.num_available_slots - reserved
             if extend_len + self.new_token_ratio.reserve(req) > room:
                 if not chunking or room <= 1:
