@@ -58,6 +58,7 @@ def test_decode_with_shared_prefixes_matches_naive(shared_len):
     v_new = torch.randn(6, KV_HEADS * DIM, generator=gen)
     backend.init_forward_metadata(fb)
     assert len(backend._decode_meta.shared) == (2 if shared_len >= 32 else 0)
+    assert len(backend._decode_meta.buckets) == 1
     out = backend.forward(q, k_new, v_new, 0, fb).view(6, HEADS, DIM)
     for b in range(6):
         k_all, v_all = pool.get_kv(0, table[b, :seq_lens[b]])
@@ -91,3 +92,31 @@ def test_extend_on_a_cached_prefix_matches_naive():
                      v_all.transpose(0, 1))
         torch.testing.assert_close(out[start:start + e], ref, atol=1e-5, rtol=1e-5)
         start += e
+
+
+def test_decode_buckets_by_length_match_naive():
+    """More requests than one bucket holds, with very different lengths."""
+    from sglbatch.engine.attention.torch_native import DECODE_BUCKET
+
+    gen = torch.Generator().manual_seed(7)
+    n = DECODE_BUCKET * 2 + 5
+    pool = KVPool(20000, 1, KV_HEADS, DIM, torch.float32)
+    backend = TorchNativeBackend(pool, HEADS, KV_HEADS, DIM)
+    table = torch.zeros((n, 400), dtype=torch.int64)
+    seq_lens = torch.randint(1, 400, (n,), generator=gen).tolist()
+    for b, length in enumerate(seq_lens):
+        table[b, :length] = pool.alloc(length)
+    pool.k_buffers[0].normal_(generator=gen)
+    pool.v_buffers[0].normal_(generator=gen)
+    out_loc = table[torch.arange(n), torch.tensor(seq_lens) - 1]
+    fb = _forward_batch(ForwardMode.DECODE, table, list(range(n)), [s - 1 for s in seq_lens],
+                        [1] * n, out_loc)
+    q = torch.randn(n, HEADS * DIM, generator=gen)
+    k_new, v_new = (torch.randn(n, KV_HEADS * DIM, generator=gen) for _ in range(2))
+    backend.init_forward_metadata(fb)
+    assert len(backend._decode_meta.buckets) == 3
+    out = backend.forward(q, k_new, v_new, 0, fb).view(n, HEADS, DIM)
+    for b in range(n):
+        k_all, v_all = pool.get_kv(0, table[b, :seq_lens[b]])
+        ref = _naive(q[b].view(1, HEADS, DIM), k_all.transpose(0, 1), v_all.transpose(0, 1))
+        torch.testing.assert_close(out[b], ref[0], atol=1e-5, rtol=1e-5)

@@ -18,6 +18,9 @@ from sglbatch.engine.batch import ForwardBatch, ForwardMode
 
 # A shared prefix shorter than this is not worth a separate pass.
 MIN_SHARED_PREFIX = 32
+# Decode requests are attended in buckets of similar length, each padded only to its own
+# longest: one long prompt must not make the whole batch gather its length.
+DECODE_BUCKET = 32
 
 
 @dataclass
@@ -27,10 +30,16 @@ class _SharedPrefix:
 
 
 @dataclass
+class _Bucket:
+    rows: torch.Tensor  # batch indices of the requests in it
+    slots: torch.Tensor  # [len(rows) * max_len] their slots after any shared prefix, padded
+    pad: torch.Tensor  # [1, len(rows), 1, max_len] True where padding
+    max_len: int
+
+
+@dataclass
 class _DecodeMetadata:
-    suffix_slots: torch.Tensor  # [batch * max_suffix] each request's slots after its prefix
-    suffix_pad: torch.Tensor  # [1, batch, 1, max_suffix] True where padding
-    max_suffix: int
+    buckets: list[_Bucket]
     shared: list[_SharedPrefix]
 
 
@@ -75,13 +84,19 @@ class TorchNativeBackend(AttentionBackend):
         rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]
         shared, prefix_lens = _shared_prefixes(rows, fb.seq_lens_cpu)
         suffix_lens = torch.tensor([s - p for s, p in zip(fb.seq_lens_cpu, prefix_lens)])
-        max_suffix = int(suffix_lens.max())
-        cols = torch.tensor(prefix_lens)[:, None] + torch.arange(max_suffix)[None, :]
-        # Padding columns read the row's last entry; the mask hides them.
-        suffix_slots = rows.gather(1, cols.clamp(max=rows.shape[1] - 1))
-        pad = torch.arange(max_suffix)[None, :] >= suffix_lens[:, None]
-        return _DecodeMetadata(suffix_slots.reshape(-1), pad[None, :, None, :], max_suffix,
-                               shared)
+        # One bucket keeps batch order, so its output needs no scatter back.
+        order = torch.argsort(suffix_lens) if len(suffix_lens) > DECODE_BUCKET else \
+            torch.arange(len(suffix_lens))
+        buckets = []
+        for members in order.split(DECODE_BUCKET):
+            lens = suffix_lens[members]
+            max_len = int(lens.max())
+            cols = torch.tensor(prefix_lens)[members, None] + torch.arange(max_len)[None, :]
+            # Padding columns read the row's last entry; the mask hides them.
+            slots = rows[members].gather(1, cols.clamp(max=rows.shape[1] - 1))
+            pad = torch.arange(max_len)[None, :] >= lens[:, None]
+            buckets.append(_Bucket(members, slots.reshape(-1), pad[None, :, None, :], max_len))
+        return _DecodeMetadata(buckets, shared)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 fb: ForwardBatch) -> torch.Tensor:
@@ -112,9 +127,14 @@ class TorchNativeBackend(AttentionBackend):
         batch = q.shape[0]
         group = self.num_heads // self.num_kv_heads
         q = q.view(batch, self.num_kv_heads, group, self.head_dim).transpose(0, 1)
-        k, v = self.kv_pool.get_kv(layer_id, meta.suffix_slots)
-        shape = (self.num_kv_heads, batch, meta.max_suffix, self.head_dim)
-        out, lse = self._attend(q, k.view(shape), v.view(shape), meta.suffix_pad)
+        if len(meta.buckets) == 1:
+            out, lse = self._attend_bucket(q, layer_id, meta.buckets[0])
+        else:
+            out = q.new_empty(q.shape, dtype=torch.float32)
+            lse = q.new_empty((*q.shape[:-1], 1), dtype=torch.float32)
+            for bucket in meta.buckets:
+                out[:, bucket.rows], lse[:, bucket.rows] = self._attend_bucket(
+                    q[:, bucket.rows], layer_id, bucket)
         for prefix in meta.shared:
             # One matmul for all queries of the group against the prefix gathered once.
             k_p, v_p = self.kv_pool.get_kv(layer_id, prefix.slots)
@@ -128,6 +148,12 @@ class TorchNativeBackend(AttentionBackend):
             out[:, prefix.rows] = (out[:, prefix.rows] * torch.exp(lse_s - total)
                                    + out_p * torch.exp(lse_p - total))
         return out.to(q.dtype).transpose(0, 1).reshape(batch, self.num_heads, self.head_dim)
+
+    def _attend_bucket(self, q: torch.Tensor, layer_id: int, bucket: _Bucket
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv_pool.get_kv(layer_id, bucket.slots)
+        shape = (self.num_kv_heads, len(bucket.rows), bucket.max_len, self.head_dim)
+        return self._attend(q, k.view(shape), v.view(shape), bucket.pad)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 fb: ForwardBatch) -> torch.Tensor:
