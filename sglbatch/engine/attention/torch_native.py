@@ -19,8 +19,10 @@ from sglbatch.engine.batch import ForwardBatch, ForwardMode
 # A shared prefix shorter than this is not worth a separate pass.
 MIN_SHARED_PREFIX = 32
 # Decode requests are attended in buckets of similar length, each padded only to its own
-# longest: one long prompt must not make the whole batch gather its length.
+# longest: one long prompt must not make the whole batch gather its length. Buckets cost
+# extra ops per layer, so they are formed only when padding would waste this share.
 DECODE_BUCKET = 32
+MAX_PADDING_WASTE = 0.25
 
 
 @dataclass
@@ -84,11 +86,14 @@ class TorchNativeBackend(AttentionBackend):
         rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]
         shared, prefix_lens = _shared_prefixes(rows, fb.seq_lens_cpu)
         suffix_lens = torch.tensor([s - p for s, p in zip(fb.seq_lens_cpu, prefix_lens)])
-        # One bucket keeps batch order, so its output needs no scatter back.
-        order = torch.argsort(suffix_lens) if len(suffix_lens) > DECODE_BUCKET else \
-            torch.arange(len(suffix_lens))
+        padded = int(suffix_lens.max()) * len(suffix_lens)
+        if len(suffix_lens) <= DECODE_BUCKET or \
+                padded * (1 - MAX_PADDING_WASTE) <= int(suffix_lens.sum()):
+            groups = [torch.arange(len(suffix_lens))]  # batch order: no scatter back needed
+        else:
+            groups = list(torch.argsort(suffix_lens).split(DECODE_BUCKET))
         buckets = []
-        for members in order.split(DECODE_BUCKET):
+        for members in groups:
             lens = suffix_lens[members]
             max_len = int(lens.max())
             cols = torch.tensor(prefix_lens)[members, None] + torch.arange(max_len)[None, :]
