@@ -24,10 +24,6 @@ class Batch:
     extend_lens: list[int]  # new tokens per request this step (all 1 for decode)
     out_cache_loc: torch.Tensor  # KV slot of every new token, in batch order
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.extend_lens)
-
     def samples(self, i: int) -> bool:
         """Whether request `i` gets a next token from this step (not a mid-prompt chunk)."""
         req = self.reqs[i]
@@ -40,8 +36,8 @@ class ForwardBatch:
 
     Tokens of all requests are concatenated: request `i` owns rows
     `extend_start[i] : extend_start[i] + extend_lens[i]` of `input_ids`/`positions`.
-    Its K/V after this step lives in `req_to_token[req_pool_indices[i], :seq_lens[i]]`,
-    of which the first `prefix_lens[i]` were already in the pool before the step.
+    Its K/V after this step lives in `req_to_token[req_pool_indices[i], :seq_lens_cpu[i]]`,
+    of which the first `prefix_lens_cpu[i]` were already in the pool before the step.
     """
 
     mode: ForwardMode
@@ -49,8 +45,6 @@ class ForwardBatch:
     positions: torch.Tensor  # [num_tokens]
     out_cache_loc: torch.Tensor  # [num_tokens] slot each new token's K/V is written to
     req_pool_indices: torch.Tensor  # [batch]
-    seq_lens: torch.Tensor  # [batch] tokens in the pool after this step
-    prefix_lens: torch.Tensor  # [batch]
     extend_lens: torch.Tensor  # [batch]
     extend_start: torch.Tensor  # [batch]
     req_to_token: torch.Tensor  # [rows, max_context_len]
@@ -58,10 +52,6 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     prefix_lens_cpu: list[int]
     extend_lens_cpu: list[int]
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.seq_lens_cpu)
 
     @property
     def last_token_indices(self) -> torch.Tensor:

@@ -172,26 +172,28 @@ class Engine:
         remaining = len(inputs)
         try:
             while remaining:
-                i, out = results.get()
-                remaining -= out["meta_info"]["finish_reason"] is not None
-                yield {**out, "index": i} if is_batch else out
+                delta, finished = _stream_delta(results.get(), is_batch)
+                remaining -= finished
+                yield delta
         finally:
-            if remaining:
-                for inp in inputs:
-                    self.abort(inp.rid)
+            if remaining:  # the caller stopped early: free what it no longer wants
+                self._abort_all(inputs)
 
     async def _aiter_stream(self, results: asyncio.Queue, inputs: list[RequestInput],
                             is_batch: bool) -> AsyncIterator[dict[str, Any]]:
         remaining = len(inputs)
         try:
             while remaining:
-                i, out = await results.get()
-                remaining -= out["meta_info"]["finish_reason"] is not None
-                yield {**out, "index": i} if is_batch else out
+                delta, finished = _stream_delta(await results.get(), is_batch)
+                remaining -= finished
+                yield delta
         finally:
             if remaining:
-                for inp in inputs:
-                    self.abort(inp.rid)
+                self._abort_all(inputs)
+
+    def _abort_all(self, inputs: list[RequestInput]) -> None:
+        for inp in inputs:
+            self.abort(inp.rid)
 
     # ---- the loop (engine thread only below this line) ---------------------------------
 
@@ -302,3 +304,10 @@ class Engine:
             "cached_tokens": req.cached_tokens,
             "e2e_latency": time.perf_counter() - tracked.created,
         }
+
+
+def _stream_delta(item: tuple[int, dict[str, Any]], is_batch: bool) -> tuple[dict[str, Any], bool]:
+    """A sink item as the caller sees it (batches carry `index`), and whether it is the last."""
+    index, out = item
+    finished = out["meta_info"]["finish_reason"] is not None
+    return ({**out, "index": index} if is_batch else out), finished

@@ -28,7 +28,6 @@ class KVPool:
         self.v_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         for buf in (*self.k_buffers, *self.v_buffers):
             buf[:, 0].zero_()
-        self.device = torch.device(device)
         self._free = torch.arange(1, num_slots + 1, dtype=torch.int64)
         self._num_free = num_slots
 

@@ -77,7 +77,6 @@ class ModelRunner:
             mode=batch.mode, input_ids=tensor(input_ids), positions=tensor(positions),
             out_cache_loc=batch.out_cache_loc.to(self.device),
             req_pool_indices=tensor([r.req_pool_idx for r in batch.reqs]),
-            seq_lens=tensor(seq_lens), prefix_lens=tensor(prefix_lens),
             extend_lens=tensor(extend_lens), extend_start=tensor(starts),
             req_to_token=self.req_to_token_pool.table, seq_lens_cpu=seq_lens,
             prefix_lens_cpu=prefix_lens, extend_lens_cpu=list(extend_lens))

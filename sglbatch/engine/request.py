@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,12 +140,6 @@ class FinishReason:
         return {"type": "abort", "message": self.message}
 
 
-class ReqStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
 @dataclass(eq=False)
 class Req:
     """One generation request as the scheduler sees it.
@@ -162,7 +155,6 @@ class Req:
     input_ids: list[int]
     sampling_params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
-    status: ReqStatus = ReqStatus.WAITING
     req_pool_idx: int | None = None
     kv_len: int = 0
     tree_len: int = 0  # leading slots owned by the prefix cache (locked through `tree_node`)

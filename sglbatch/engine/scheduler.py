@@ -20,7 +20,7 @@ from sglbatch.engine.config import EngineConfig
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
 from sglbatch.engine.policy import NewTokenRatio, order_waiting
 from sglbatch.engine.radix_cache import RadixCache
-from sglbatch.engine.request import FinishReason, Req, ReqStatus
+from sglbatch.engine.request import FinishReason, Req
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,6 @@ class Scheduler:
         (with the radix cache on, from whatever of its tokens is still cached)."""
         self.running.remove(req)
         self._release(req)
-        req.status = ReqStatus.WAITING
         self.num_retractions += 1
         self.new_token_ratio.on_retract()
         self.waiting.appendleft(req)
@@ -190,7 +189,6 @@ class Scheduler:
                 self.chunked_req = req
                 continue
             if batch.mode == ForwardMode.EXTEND:
-                req.status = ReqStatus.RUNNING
                 self.running.append(req)
             req.output_ids.append(next_token_ids[i])
             self._check_token_finish(req)
@@ -201,15 +199,22 @@ class Scheduler:
         """Move a request's computed tokens into the cache so waiting requests can share them.
         Where the cache already had some of them, the request switches to the cached slots
         and frees its own copies."""
-        token_ids = req.fill_ids[:req.kv_len]
+        token_ids = self._insert_into_cache(req)
         row = self.req_to_token.table[req.req_pool_idx]
-        already = self.cache.insert(token_ids, row[:req.kv_len].clone())
-        self.kv_pool.free(row[req.tree_len:already].clone())
         slots, node = self.cache.match_prefix(token_ids)
         row[:len(slots)] = slots
         self.cache.lock(node)
         self.cache.unlock(req.tree_node)
         req.tree_node, req.tree_len = node, len(slots)
+
+    def _insert_into_cache(self, req: Req) -> list[int]:
+        """Cache the request's computed tokens; its slots for tokens the cache already held
+        (beyond its own locked prefix) are duplicates and go back to the pool."""
+        token_ids = req.fill_ids[:req.kv_len]
+        row = self.req_to_token.table[req.req_pool_idx]
+        already = self.cache.insert(token_ids, row[:req.kv_len].clone())
+        self.kv_pool.free(row[req.tree_len:already].clone())
+        return token_ids
 
     def _check_token_finish(self, req: Req) -> None:
         params = req.sampling_params
@@ -227,7 +232,6 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished]
             for req in finished:
                 self._release(req)
-                req.status = ReqStatus.FINISHED
         return finished
 
     def abort(self, rid: str, message: str) -> Req | None:
@@ -245,7 +249,6 @@ class Scheduler:
             self.chunked_req = None
         self._release(req)
         req.finish_reason = FinishReason.abort(message)
-        req.status = ReqStatus.FINISHED
         return req
 
     def abort_all(self, message: str) -> list[Req]:
@@ -271,8 +274,7 @@ class Scheduler:
         if self.cache is None:
             self.kv_pool.free(row[:req.kv_len].clone())
         else:
-            already = self.cache.insert(req.fill_ids[:req.kv_len], row[:req.kv_len].clone())
-            self.kv_pool.free(row[req.tree_len:already].clone())
+            self._insert_into_cache(req)
             self.cache.unlock(req.tree_node)
         self.req_to_token.free(req.req_pool_idx)
         req.req_pool_idx, req.tree_node, req.kv_len, req.tree_len = None, None, 0, 0

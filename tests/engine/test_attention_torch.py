@@ -29,7 +29,7 @@ def _forward_batch(mode, table, rows, prefix_lens, extend_lens, out_loc) -> Forw
     starts = [sum(extend_lens[:i]) for i in range(len(extend_lens))]
     t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
     return ForwardBatch(mode, t([0] * sum(extend_lens)), t([0] * sum(extend_lens)), out_loc,
-                        t(rows), t(seq_lens), t(prefix_lens), t(extend_lens), t(starts), table,
+                        t(rows), t(extend_lens), t(starts), table,
                         seq_lens, prefix_lens, list(extend_lens))
 
 
