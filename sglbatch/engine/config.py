@@ -24,7 +24,9 @@ class EngineConfig:
                 "bf16 instructions, else float32"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     attention_backend: str = field(default="auto", metadata={
-        "help": "auto | torch; auto picks torch on the CPU"})
+        "help": "auto | cpu | torch. cpu: a C++ decode kernel compiled on first use "
+                "(needs g++); torch: plain torch ops. auto picks cpu on the CPU when the "
+                "kernel builds, else torch"})
     context_length: int | None = field(default=None, metadata={
         "help": "override the model's maximum context length"})
     max_total_tokens: int | None = field(default=None, metadata={
@@ -52,7 +54,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         choices = {"dtype": ("auto", "float32", "bfloat16", "float16"),
-                   "device": ("cpu", "cuda"), "attention_backend": ("auto", "torch"),
+                   "device": ("cpu", "cuda"), "attention_backend": ("auto", "cpu", "torch"),
                    "schedule_policy": ("lpm", "fcfs", "lof", "random")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

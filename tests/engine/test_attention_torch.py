@@ -1,4 +1,4 @@
-"""The torch backend against naive per-request attention, including shared-prefix (cascade)
+"""The torch and CPU-kernel backends against naive per-request attention, including shared-prefix (cascade)
 decode and extend on top of a cached prefix."""
 
 from __future__ import annotations
@@ -6,11 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sglbatch.engine.attention import cpu_kernels
+from sglbatch.engine.attention.cpu import CpuBackend
 from sglbatch.engine.attention.torch_native import TorchNativeBackend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
 from sglbatch.engine.kv_pool import KVPool
 
 HEADS, KV_HEADS, DIM = 6, 2, 16
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.load() is None,
+                                  reason="the C++ attention kernel does not build here")
+BACKENDS = [pytest.param(TorchNativeBackend, id="torch"),
+            pytest.param(CpuBackend, id="cpu", marks=needs_kernel)]
 
 
 def _naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -33,11 +40,12 @@ def _forward_batch(mode, table, rows, prefix_lens, extend_lens, out_loc) -> Forw
                         seq_lens, prefix_lens, list(extend_lens))
 
 
+@pytest.mark.parametrize("backend_cls", BACKENDS)
 @pytest.mark.parametrize("shared_len", [0, 40, 100])
-def test_decode_with_shared_prefixes_matches_naive(shared_len):
+def test_decode_with_shared_prefixes_matches_naive(shared_len, backend_cls):
     gen = torch.Generator().manual_seed(shared_len)
     pool = KVPool(2000, 1, KV_HEADS, DIM, torch.float32)
-    backend = TorchNativeBackend(pool, HEADS, KV_HEADS, DIM)
+    backend = backend_cls(pool, HEADS, KV_HEADS, DIM)
     table = torch.zeros((8, 512), dtype=torch.int64)
     own_lens = [5, 60, 1, 33, 17, 80]  # tokens after the prefix, the decoded one included
     group_of = [0, 0, 0, 1, 1, None]  # two groups sharing prefixes, one loner
@@ -58,7 +66,8 @@ def test_decode_with_shared_prefixes_matches_naive(shared_len):
     v_new = torch.randn(6, KV_HEADS * DIM, generator=gen)
     backend.init_forward_metadata(fb)
     assert len(backend._decode_meta.shared) == (2 if shared_len >= 32 else 0)
-    assert len(backend._decode_meta.buckets) == 1
+    if backend_cls is TorchNativeBackend:
+        assert len(backend._decode_meta.suffix) == 1
     out = backend.forward(q, k_new, v_new, 0, fb).view(6, HEADS, DIM)
     for b in range(6):
         k_all, v_all = pool.get_kv(0, table[b, :seq_lens[b]])
@@ -94,14 +103,16 @@ def test_extend_on_a_cached_prefix_matches_naive():
         start += e
 
 
-def test_decode_buckets_by_length_match_naive():
+@pytest.mark.parametrize("backend_cls", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_buckets_by_length_match_naive(backend_cls, dtype):
     """More requests than one bucket holds, with very different lengths."""
     from sglbatch.engine.attention.torch_native import DECODE_BUCKET
 
     gen = torch.Generator().manual_seed(7)
     n = DECODE_BUCKET * 2 + 5
-    pool = KVPool(20000, 1, KV_HEADS, DIM, torch.float32)
-    backend = TorchNativeBackend(pool, HEADS, KV_HEADS, DIM)
+    pool = KVPool(20000, 1, KV_HEADS, DIM, dtype)
+    backend = backend_cls(pool, HEADS, KV_HEADS, DIM)
     table = torch.zeros((n, 400), dtype=torch.int64)
     seq_lens = torch.randint(1, 400, (n,), generator=gen).tolist()
     for b, length in enumerate(seq_lens):
@@ -114,9 +125,14 @@ def test_decode_buckets_by_length_match_naive():
     q = torch.randn(n, HEADS * DIM, generator=gen)
     k_new, v_new = (torch.randn(n, KV_HEADS * DIM, generator=gen) for _ in range(2))
     backend.init_forward_metadata(fb)
-    assert len(backend._decode_meta.buckets) == 3
+    if backend_cls is TorchNativeBackend:
+        assert len(backend._decode_meta.suffix) == 3
+    q, k_new, v_new = q.to(dtype), k_new.to(dtype), v_new.to(dtype)
     out = backend.forward(q, k_new, v_new, 0, fb).view(n, HEADS, DIM)
+    # bf16 inputs, fp32 reference: the output's own bf16 rounding bounds the difference.
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     for b in range(n):
         k_all, v_all = pool.get_kv(0, table[b, :seq_lens[b]])
-        ref = _naive(q[b].view(1, HEADS, DIM), k_all.transpose(0, 1), v_all.transpose(0, 1))
-        torch.testing.assert_close(out[b], ref[0], atol=1e-5, rtol=1e-5)
+        ref = _naive(q[b].view(1, HEADS, DIM).float(), k_all.transpose(0, 1).float(),
+                     v_all.transpose(0, 1).float())
+        torch.testing.assert_close(out[b].float(), ref[0], atol=tol, rtol=tol)

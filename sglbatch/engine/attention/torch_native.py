@@ -41,8 +41,9 @@ class _Bucket:
 
 @dataclass
 class _DecodeMetadata:
-    buckets: list[_Bucket]
     shared: list[_SharedPrefix]
+    prefix_lens: list[int]  # per request, the length of its shared prefix (0 if none)
+    suffix: object  # how the backend attends each request's own suffix
 
 
 def _shared_prefixes(rows: torch.Tensor, seq_lens: list[int]) -> tuple[list[_SharedPrefix],
@@ -85,6 +86,11 @@ class TorchNativeBackend(AttentionBackend):
     def _decode_metadata(self, fb: ForwardBatch) -> _DecodeMetadata:
         rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]
         shared, prefix_lens = _shared_prefixes(rows, fb.seq_lens_cpu)
+        return _DecodeMetadata(shared, prefix_lens,
+                               self._suffix_metadata(fb, rows, prefix_lens))
+
+    def _suffix_metadata(self, fb: ForwardBatch, rows: torch.Tensor,
+                         prefix_lens: list[int]) -> list[_Bucket]:
         suffix_lens = torch.tensor([s - p for s, p in zip(fb.seq_lens_cpu, prefix_lens)])
         padded = int(suffix_lens.max()) * len(suffix_lens)
         if len(suffix_lens) <= DECODE_BUCKET or \
@@ -101,7 +107,7 @@ class TorchNativeBackend(AttentionBackend):
             slots = rows[members].gather(1, cols.clamp(max=rows.shape[1] - 1))
             pad = torch.arange(max_len)[None, :] >= lens[:, None]
             buckets.append(_Bucket(members, slots.reshape(-1), pad[None, :, None, :], max_len))
-        return _DecodeMetadata(buckets, shared)
+        return buckets
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 fb: ForwardBatch) -> torch.Tensor:
@@ -131,28 +137,40 @@ class TorchNativeBackend(AttentionBackend):
         meta = self._decode_meta
         batch = q.shape[0]
         group = self.num_heads // self.num_kv_heads
-        q = q.view(batch, self.num_kv_heads, group, self.head_dim).transpose(0, 1)
-        if len(meta.buckets) == 1:
-            out, lse = self._attend_bucket(q, layer_id, meta.buckets[0])
-        else:
-            out = q.new_empty(q.shape, dtype=torch.float32)
-            lse = q.new_empty((*q.shape[:-1], 1), dtype=torch.float32)
-            for bucket in meta.buckets:
-                out[:, bucket.rows], lse[:, bucket.rows] = self._attend_bucket(
-                    q[:, bucket.rows], layer_id, bucket)
+        # [batch, kv_heads, group, head_dim] fp32 and its log-sum-exp [..., 1].
+        out, lse = self._decode_suffixes(q, layer_id)
+        q = q.view(batch, self.num_kv_heads, group, self.head_dim)
         for prefix in meta.shared:
             # One matmul for all queries of the group against the prefix gathered once.
             k_p, v_p = self.kv_pool.get_kv(layer_id, prefix.slots)
             n = len(prefix.rows)
-            q_g = q[:, prefix.rows].reshape(self.num_kv_heads, n * group, self.head_dim)
+            q_g = q[prefix.rows].transpose(0, 1).reshape(self.num_kv_heads, n * group,
+                                                          self.head_dim)
             out_p, lse_p = self._attend(q_g, k_p, v_p, None)
-            out_p = out_p.view(self.num_kv_heads, n, group, self.head_dim)
-            lse_p = lse_p.view(self.num_kv_heads, n, group, 1)
-            lse_s = lse[:, prefix.rows]
+            out_p = out_p.view(self.num_kv_heads, n, group, self.head_dim).transpose(0, 1)
+            lse_p = lse_p.view(self.num_kv_heads, n, group, 1).transpose(0, 1)
+            lse_s = lse[prefix.rows]
             total = torch.logaddexp(lse_s, lse_p)
-            out[:, prefix.rows] = (out[:, prefix.rows] * torch.exp(lse_s - total)
-                                   + out_p * torch.exp(lse_p - total))
-        return out.to(q.dtype).transpose(0, 1).reshape(batch, self.num_heads, self.head_dim)
+            out[prefix.rows] = (out[prefix.rows] * torch.exp(lse_s - total)
+                                + out_p * torch.exp(lse_p - total))
+        return out.to(q.dtype).reshape(batch, self.num_heads, self.head_dim)
+
+    def _decode_suffixes(self, q: torch.Tensor, layer_id: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of each request over its slots after any shared prefix."""
+        buckets = self._decode_meta.suffix
+        batch = q.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        q = q.view(batch, self.num_kv_heads, group, self.head_dim).transpose(0, 1)
+        if len(buckets) == 1:
+            out, lse = self._attend_bucket(q, layer_id, buckets[0])
+        else:
+            out = q.new_empty(q.shape, dtype=torch.float32)
+            lse = q.new_empty((*q.shape[:-1], 1), dtype=torch.float32)
+            for bucket in buckets:
+                out[:, bucket.rows], lse[:, bucket.rows] = self._attend_bucket(
+                    q[:, bucket.rows], layer_id, bucket)
+        return out.transpose(0, 1), lse.transpose(0, 1)
 
     def _attend_bucket(self, q: torch.Tensor, layer_id: int, bucket: _Bucket
                        ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,59 @@
+"""C++ attention kernels for the CPU, compiled on first use and cached on disk.
+
+They are built with the machine's own compiler (`-march=native`), so the build is keyed
+by the source, torch's version and the CPU's feature flags. Where no compiler works,
+`load()` returns None and the caller stays on plain torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from sglbatch.engine.model_source import cache_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+# fast-math lets the exp loop vectorize; the kernel never relies on inf or NaN arithmetic.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_dir() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()
+                         + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"decode_attention-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled kernel module, or None (logged once) if it cannot be built here."""
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension.load(
+            name="sglbatch_decode_attention", sources=[str(SOURCE)],
+            build_directory=str(_build_dir()),
+            extra_cflags=CFLAGS, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use plain torch
+        logger.warning("CPU attention kernel unavailable (%s: %s); using the torch backend",
+                       type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return None
