@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from sglbatch.engine.attention.base import AttentionBackend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
@@ -23,6 +22,8 @@ MIN_SHARED_PREFIX = 32
 # extra ops per layer, so they are formed only when padding would waste this share.
 DECODE_BUCKET = 32
 MAX_PADDING_WASTE = 0.25
+# Extend attention takes this many query rows at a time: scores stay cache-sized.
+EXTEND_CHUNK = 128
 
 
 @dataclass
@@ -75,13 +76,9 @@ class TorchNativeBackend(AttentionBackend):
         if fb.mode == ForwardMode.DECODE:
             self._decode_meta = self._decode_metadata(fb)
             return
-        self._extend_slots = []
-        self._extend_masks = []
-        for i, (prefix_len, seq_len) in enumerate(zip(fb.prefix_lens_cpu, fb.seq_lens_cpu)):
-            self._extend_slots.append(fb.req_to_token[fb.req_pool_indices[i], :seq_len])
-            # Query j sits at absolute position prefix_len + j and sees keys 0..that position.
-            q_pos = torch.arange(prefix_len, seq_len)
-            self._extend_masks.append(torch.arange(seq_len)[None, :] <= q_pos[:, None])
+        self._extend_slots = [
+            fb.req_to_token[fb.req_pool_indices[i], :seq_len] if prefix_len else None
+            for i, (prefix_len, seq_len) in enumerate(zip(fb.prefix_lens_cpu, fb.seq_lens_cpu))]
 
     def _decode_metadata(self, fb: ForwardBatch) -> _DecodeMetadata:
         rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]
@@ -182,17 +179,40 @@ class TorchNativeBackend(AttentionBackend):
                 fb: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
         start = 0
-        for i, ext_len in enumerate(fb.extend_lens_cpu):
+        for i, (prefix_len, ext_len) in enumerate(zip(fb.prefix_lens_cpu, fb.extend_lens_cpu)):
             end = start + ext_len
-            if fb.prefix_lens_cpu[i] == 0:
+            if prefix_len == 0:
                 # Nothing cached: the step's own K/V is the whole sequence, no gather needed.
                 k_i, v_i = k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
-                mask, causal = None, True
             else:
                 k_i, v_i = self.kv_pool.get_kv(layer_id, self._extend_slots[i])
-                mask, causal = self._extend_masks[i], False
-            out[start:end] = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1), k_i, v_i, attn_mask=mask, is_causal=causal,
-                scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads).transpose(0, 1)
+            self._causal_attention(q[start:end], k_i, v_i, prefix_len, out[start:end])
             start = end
         return out
+
+    def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          q_start: int, out: torch.Tensor) -> None:
+        """One request's new tokens (q: [n, heads, dim], at positions q_start..) against its
+        whole sequence (k, v: [kv_heads, q_start + n, dim]), written into out [n, heads, dim].
+
+        Query rows go in chunks, each against only the keys it may see, as batched matmuls
+        with a kv head's query heads stacked: 4-5x faster than CPU SDPA here (bf16), whose
+        kernels fall back to the unfused math path for these shapes."""
+        n = q.shape[0]
+        group = self.num_heads // self.num_kv_heads
+        # [kv_heads, group, n, dim]: a kv head's query heads share its K/V in one matmul.
+        q = q.view(n, self.num_kv_heads, group, self.head_dim).permute(1, 2, 0, 3)
+        out = out.view(n, self.num_kv_heads, group, self.head_dim).permute(1, 2, 0, 3)
+        for c in range(0, n, EXTEND_CHUNK):
+            c_end = min(c + EXTEND_CHUNK, n)
+            seen = q_start + c_end  # keys the chunk's last row may see
+            rows = c_end - c
+            q_c = q[:, :, c:c_end].reshape(self.num_kv_heads, group * rows, self.head_dim)
+            scores = torch.matmul(q_c * self.scale, k[:, :seen].transpose(1, 2)).float()
+            # Only the chunk's own diagonal block holds keys in some row's future.
+            diagonal = scores.view(self.num_kv_heads, group, rows, seen)[..., q_start + c:]
+            diagonal.masked_fill_(torch.ones(rows, rows, dtype=torch.bool).triu_(1),
+                                  float("-inf"))
+            probs = torch.softmax(scores, dim=-1).to(v.dtype)
+            out[:, :, c:c_end] = torch.matmul(probs, v[:, :seen]).view(
+                self.num_kv_heads, group, rows, self.head_dim)
