@@ -63,11 +63,25 @@ class KVPool:
         self.k_buffers[layer_id][:, slots] = k.transpose(0, 1)
         self.v_buffers[layer_id][:, slots] = v.transpose(0, 1)
 
-    def get_kv(self, layer_id: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of `slots` as [kv_heads, len(slots), head_dim]."""
+    def get_kv(self, layer_id: int, slots: torch.Tensor | slice
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of `slots` as [kv_heads, len(slots), head_dim]: views for a slice (see
+        `as_span`), gathered copies for an index tensor."""
+        k, v = self.k_buffers[layer_id], self.v_buffers[layer_id]
+        if isinstance(slots, slice):
+            return k[:, slots], v[:, slots]
         # index_select is several times faster than advanced indexing on CPU.
-        return (self.k_buffers[layer_id].index_select(1, slots),
-                self.v_buffers[layer_id].index_select(1, slots))
+        return k.index_select(1, slots), v.index_select(1, slots)
+
+    @staticmethod
+    def as_span(slots: torch.Tensor) -> torch.Tensor | slice:
+        """`slots` as a slice when they are consecutive (a prompt prefilled in one go
+        usually is), so `get_kv` can return views instead of copying; else unchanged."""
+        n = slots.numel()
+        if n and int(slots[-1]) - int(slots[0]) == n - 1 and \
+                bool((slots[1:] - slots[:-1] == 1).all()):
+            return slice(int(slots[0]), int(slots[0]) + n)
+        return slots
 
 
 class ReqToTokenPool:

@@ -14,6 +14,7 @@ import torch
 
 from sglbatch.engine.attention.base import AttentionBackend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
+from sglbatch.engine.kv_pool import KVPool
 
 # A shared prefix shorter than this is not worth a separate pass.
 MIN_SHARED_PREFIX = 32
@@ -29,7 +30,7 @@ EXTEND_CHUNK = 128
 @dataclass
 class _SharedPrefix:
     rows: torch.Tensor  # batch indices of the requests sharing it
-    slots: torch.Tensor  # the prefix's slots
+    slots: torch.Tensor | slice  # the prefix's slots (a slice when consecutive)
 
 
 @dataclass
@@ -67,7 +68,7 @@ def _shared_prefixes(rows: torch.Tensor, seq_lens: list[int]) -> tuple[list[_Sha
             continue
         for b in members:
             prefix_lens[b] = length
-        shared.append(_SharedPrefix(torch.tensor(members), sub[0, :length].clone()))
+        shared.append(_SharedPrefix(torch.tensor(members), KVPool.as_span(sub[0, :length])))
     return shared, prefix_lens
 
 
@@ -77,7 +78,8 @@ class TorchNativeBackend(AttentionBackend):
             self._decode_meta = self._decode_metadata(fb)
             return
         self._extend_slots = [
-            fb.req_to_token[fb.req_pool_indices[i], :seq_len] if prefix_len else None
+            KVPool.as_span(fb.req_to_token[fb.req_pool_indices[i], :seq_len]) if prefix_len
+            else None
             for i, (prefix_len, seq_len) in enumerate(zip(fb.prefix_lens_cpu, fb.seq_lens_cpu))]
 
     def _decode_metadata(self, fb: ForwardBatch) -> _DecodeMetadata:
