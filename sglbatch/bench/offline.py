@@ -41,9 +41,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help="gsm8k: max_new_tokens; outputs stop at \"Question\" "
                              "(default: 256)")
     parser.add_argument("--seed", type=int, default=1, help="(default: 1)")
-    parser.add_argument("--baseline", choices=["transformers"],
-                        help="also run transformers `generate` (batched, left padding) on the "
-                             "same requests")
+    parser.add_argument("--baseline", choices=["transformers", "llama-cpp"],
+                        help="also run a peer on the same requests: transformers `generate` "
+                             "(batched, left padding) or llama.cpp's Python API on the same "
+                             "GGUF (pip install llama-cpp-python; one sequence at a time)")
     parser.add_argument("--baseline-batch-sizes", default="16,64,128",
                         help="batch sizes tried for the baseline; the best counts "
                              "(default: 16,64,128)")
@@ -118,6 +119,8 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
     if args.baseline == "transformers":
         record["baseline"] = _run_transformers(console, model_dir, dtype, requests,
                                            args.baseline_batch_sizes)
+    elif args.baseline == "llama-cpp":
+        record["baseline"] = _run_llamacpp(console, model_dir, requests)
     if args.baseline:
         record["speedup_vs_baseline"] = (
             result["output_throughput"] / record["baseline"]["output_throughput"])
@@ -141,6 +144,21 @@ def _run_transformers(console: Any, model_dir: Path, dtype: Any, requests: list[
     best = max(per_batch, key=per_batch.get)
     return {"name": "transformers", "best_batch_size": best,
             "output_throughput": per_batch[best], "output_throughput_by_batch_size": per_batch}
+
+
+def _run_llamacpp(console: Any, model_dir: Path, requests: list[BenchRequest]
+                  ) -> dict[str, Any]:
+    from sglbatch.bench.llamacpp_baseline import run_llamacpp
+    from sglbatch.engine.model_source import gguf_source
+
+    gguf = gguf_source(model_dir)
+    if gguf is None:
+        raise ValueError("--baseline llama-cpp needs a model loaded from a .gguf file "
+                         "(or the alias smollm2-135m-instruct)")
+    with console.status("llama.cpp, one sequence at a time..."):
+        seconds, tokens = run_llamacpp(gguf, requests)
+    return {"name": "llama-cpp", "output_throughput": tokens / seconds,
+            "total_output_tokens": tokens, "duration": seconds}
 
 
 def _print_table(console: Any, record: dict[str, Any]) -> None:

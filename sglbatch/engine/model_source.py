@@ -168,6 +168,14 @@ def convert_gguf(gguf_path: Path) -> Path:
     return out
 
 
+def gguf_source(model_dir: Path) -> Path | None:
+    """The GGUF file a converted model directory came from, or None for other models."""
+    record = Path(model_dir) / _SOURCE_FILE
+    if not record.is_file():
+        return None
+    return Path(json.loads(record.read_text())["source"])
+
+
 def _open_gguf(path: Path) -> Any:
     import gguf
 
