@@ -67,6 +67,22 @@ def _cmd_bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from sglbatch.jobs.command import parse_shard, run_jobs
+
+    return run_jobs(args.jobs, parse_shard(args.shard), args.dry_run, Console(stderr=True))
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from sglbatch.jobs.command import merge_jobs
+
+    return merge_jobs(args.jobs, args.shards, Console(stderr=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sglbatch", description="Run LLMs over datasets; benchmark LLM serving.")
@@ -84,6 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON result per line")
     add_engine_args(gen)
     gen.set_defaults(func=_cmd_generate)
+
+    run = sub.add_parser(
+        "run", help="run the jobs of a YAML file over their datasets (resumable)",
+        description="Stream each job's input rows through the model and write one record per "
+                    "row (id, text, meta_info, kept columns; or id and error). Rows sharing a "
+                    "prompt prefix run together so the prefix cache computes it once. Finished "
+                    "rows are committed in atomic chunks: a killed run started again (mode: "
+                    "resume) skips them and finishes the rest. See jobs/ for commented examples.")
+    run.add_argument("jobs", help="the job file (YAML)")
+    run.add_argument("--shard", help="i/n: run rows whose index %% n == i, writing "
+                     "<output>.shard-i-of-n; under a SLURM array the shard comes from "
+                     "SLURM_ARRAY_TASK_ID/COUNT")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate the file and show the first rendered requests; no model runs")
+    run.set_defaults(func=_cmd_run)
+
+    merge = sub.add_parser(
+        "merge", help="join the shard outputs of a job file, checking each row is there once",
+        description="After `sglbatch run --shard i/n` for every i, join the parts into each "
+                    "job's output path (sorted by input position) and fail on duplicates or a "
+                    "shortfall.")
+    merge.add_argument("jobs", help="the job file (YAML) the shards ran")
+    merge.add_argument("--shards", type=int, required=True, help="n, the number of shards")
+    merge.set_defaults(func=_cmd_merge)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     offline = bench.add_parser(
@@ -104,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        # The console keeps --log-level even while a job's log file takes INFO.
+        handler.setLevel(args.log_level.upper())
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

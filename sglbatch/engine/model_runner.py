@@ -87,7 +87,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
         """Logits [batch, vocab] at each request's last new token, or [tokens, vocab] for
-        every new token with `all_logits` (fp32)."""
+        every new token with `all_logits`, in the model's dtype."""
         fb = self.build_forward_batch(batch)
         self.attn_backend.init_forward_metadata(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb, self.attn_backend)

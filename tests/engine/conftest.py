@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ PROMPTS = [
     "clips in May. How many clips did Natalia sell altogether in April and May? Think step by "
     "step and explain your reasoning carefully before giving the final answer. Answer:",
 ]
-
-
-@pytest.fixture(scope="session")
-def engine(smollm2_dir: Path) -> Iterator:
-    """The default model in fp32, default scheduling settings."""
-    from sglbatch.engine.engine import Engine
-
-    with Engine(model_path=str(smollm2_dir), dtype="float32", kv_cache_gb=0.5) as eng:
-        yield eng
 
 
 @pytest.fixture(scope="session")

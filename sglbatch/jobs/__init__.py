@@ -1,0 +1,1 @@
+"""`sglbatch run`: YAML job specs streamed through the engine, resumably."""

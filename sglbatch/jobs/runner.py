@@ -1,0 +1,145 @@
+"""Run one job: rows stream in windows, are rendered, ordered by shared prefix, sent
+through the engine at most `max_inflight` at a time, and written back as they finish.
+
+Exactly once: the writer commits finished records in atomic chunks and knows which ids are
+done; a restarted run skips them. A row that cannot run becomes an error record."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from sglbatch.jobs.reader import Row, count_rows, iter_rows
+from sglbatch.jobs.spec import JobSpec
+from sglbatch.jobs.writer import ResultWriter, shard_output_path
+
+from sglbatch.jobs.order import order_by_prefix
+from sglbatch.jobs.progress import JobProgress, JobStats
+from sglbatch.jobs.render import RowError, render_messages, render_prompt, render_sampling
+
+logger = logging.getLogger(__name__)
+
+
+class TooManyErrors(RuntimeError):
+    pass
+
+
+@dataclass
+class _Prepared:
+    row: Row
+    input_ids: list[int]
+    sampling: dict[str, Any]
+
+
+class JobRunner:
+    def __init__(self, job: JobSpec, engine: Any, shard: tuple[int, int] | None = None,
+                 console: Console | None = None):
+        if job.model is None:
+            raise ValueError(f"job {job.name}: only `model` jobs run in-process; `endpoint` "
+                             "jobs need the serving API (issue #6)")
+        if job.program is not None:
+            raise ValueError(f"job {job.name}: `program` jobs need the frontend language "
+                             "(issue #7)")
+        self.job, self.engine, self.shard = job, engine, shard
+        self.console = console or Console(stderr=True)
+        self.output_path = shard_output_path(job.output.path, shard)
+        self.stats = JobStats()
+
+    def run(self) -> JobStats:
+        writer = ResultWriter(self.job.output, self.output_path, chunk_rows=self.job.chunk_rows)
+        done = writer.done_ids()
+        total = count_rows(self.job.input)
+        if total is not None and self.shard is not None:
+            i, n = self.shard
+            total = len(range(i, total, n))
+        logger.info("job %s: %s rows, %d already done, output %s", self.job.name,
+                    total if total is not None else "?", len(done), self.output_path)
+        with JobProgress(self.console, self.job.name, total, self.stats) as progress:
+            self._progress = progress
+            try:
+                rows = iter_rows(self.job.input, self.shard)
+                while window := list(itertools.islice(rows, self.job.window)):
+                    todo = [r for r in window if r.id not in done]
+                    self.stats.skipped += len(window) - len(todo)
+                    progress.advance(len(window) - len(todo))
+                    asyncio.run(self._run_window(todo, writer))
+            except BaseException:
+                writer.close()  # what finished is committed; a rerun resumes from there
+                raise
+        writer.finalize()
+        logger.info("job %s finished: %s", self.job.name, self.stats.as_dict())
+        return self.stats
+
+    def _prepare(self, row: Row) -> _Prepared:
+        tokenizer = self.engine.tokenizer
+        if row.error is not None:
+            raise RowError(row.error)
+        if self.job.prompt is not None:
+            input_ids = tokenizer.encode(render_prompt(self.job, row.data))
+        else:
+            try:
+                input_ids = tokenizer.apply_chat_template(render_messages(self.job, row.data))
+            except RowError:
+                raise
+            except Exception as e:  # a template that rejects these messages
+                raise RowError(f"messages: the chat template rejected them: {e}") from e
+        return _Prepared(row, input_ids, render_sampling(self.job, row.data))
+
+    async def _run_window(self, rows: list[Row], writer: ResultWriter) -> None:
+        prepared = []
+        for row in rows:
+            try:
+                prepared.append(self._prepare(row))
+            except RowError as e:
+                self._record_error(writer, row, str(e))
+        if self.job.order == "prefix":
+            prepared = order_by_prefix(prepared, lambda p: p.input_ids)
+        inflight = asyncio.Semaphore(self.job.max_inflight)
+
+        async def one(p: _Prepared) -> None:
+            async with inflight:
+                try:
+                    out = await self.engine.async_generate(input_ids=p.input_ids,
+                                                           sampling_params=p.sampling)
+                except ValueError as e:  # bad sampling parameters, prompt too long, ...
+                    self._record_error(writer, p.row, str(e))
+                    return
+            self._record_result(writer, p.row, out)
+
+        # Tasks are created in order and the semaphore is FIFO: requests reach the engine in
+        # prefix order.
+        await asyncio.gather(*(one(p) for p in prepared))
+
+    def _kept_columns(self, row: Row) -> dict[str, Any]:
+        data = row.data or {}
+        return {c: data.get(c) for c in self.job.output.keep_columns}
+
+    def _record_result(self, writer: ResultWriter, row: Row, out: dict[str, Any]) -> None:
+        meta = out["meta_info"]
+        if meta.get("finish_reason", {}).get("type") == "abort":
+            self._record_error(writer, row, f"aborted: {meta['finish_reason'].get('message')}")
+            return
+        writer.add({"id": row.id, "index": row.index, **self._kept_columns(row),
+                    "text": out["text"], "meta_info": meta})
+        s = self.stats
+        s.rows += 1
+        s.prompt_tokens += meta["prompt_tokens"]
+        s.output_tokens += meta["completion_tokens"]
+        s.cached_tokens += meta["cached_tokens"]
+        self._progress.advance()
+
+    def _record_error(self, writer: ResultWriter, row: Row, message: str) -> None:
+        logger.warning("row %r (index %d): %s", row.id, row.index, message)
+        writer.add({"id": row.id, "index": row.index, **self._kept_columns(row),
+                    "error": message})
+        self.stats.rows += 1
+        self.stats.errors += 1
+        self._progress.advance()
+        limit = self.job.max_errors
+        if limit is not None and self.stats.errors > limit:
+            raise TooManyErrors(f"job {self.job.name}: {self.stats.errors} errors exceed "
+                                f"max_errors={limit}; the last: {message}")
