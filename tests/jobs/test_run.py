@@ -4,12 +4,15 @@ templates, bad rows, resume, and shards that together equal the unsharded run.""
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from sglbatch.jobs.runner import JobRunner
+from sglbatch.jobs.runner import JobRunner, TooManyErrors
 from sglbatch.jobs.spec import load_jobs
 from sglbatch.jobs.writer import merge_outputs, shard_output_path
 from tests.jobs.helpers import QUICKSTART_ROWS, read_output, write_job, write_jsonl
@@ -131,3 +134,34 @@ def test_four_shards_together_equal_the_unsharded_run(engine, smollm2_dir, tmp_p
     assert report.rows == 14
     strip = [{k: v for k, v in r.items() if k != "meta_info"} for r in read_output(merged)]
     assert strip == [{k: v for k, v in r.items() if k != "meta_info"} for r in whole]
+
+
+def test_max_errors_stops_the_run_and_keeps_what_finished(engine, smollm2_dir, tmp_path):
+    rows = [{"id": f"bad{i}"} for i in range(3)] + [{"id": "ok", "question": "Hi?"}]
+    job_file = write_job(
+        tmp_path / "job.yaml", smollm2_dir,
+        input={"path": str(write_jsonl(tmp_path / "in.jsonl", rows)), "id_column": "id"},
+        prompt="Q: {question}\nA:", output={"path": str(tmp_path / "out.jsonl")},
+        max_errors=1, order="input")
+    with pytest.raises(TooManyErrors, match="max_errors=1"):
+        _run(job_file, engine)
+    # The errors so far are committed: a rerun with a higher limit skips them and finishes.
+    text = job_file.read_text().replace("max_errors: 1", "max_errors: 5")
+    job_file.write_text(text)
+    _, stats = _run(job_file, engine)
+    assert stats.skipped == 2 and stats.errors == 1 and stats.rows == 2
+    assert sorted(r["id"] for r in read_output(tmp_path / "out.jsonl")) == sorted(
+        r["id"] for r in rows)
+
+
+def test_dry_run_shows_the_first_requests_without_a_model(smollm2_dir, tmp_path):
+    job_file = write_job(
+        tmp_path / "job.yaml", smollm2_dir,
+        input={"path": str(write_jsonl(tmp_path / "in.jsonl", QUICKSTART_ROWS)),
+               "id_column": "id"},
+        prompt="Q: {question}\nA:", output={"path": str(tmp_path / "out.jsonl")})
+    res = subprocess.run([sys.executable, "-m", "sglbatch", "run", str(job_file), "--dry-run"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "Q: What is the capital of France?" in res.stderr
+    assert "(24 rows)" in res.stderr and not (tmp_path / "out.jsonl").exists()
