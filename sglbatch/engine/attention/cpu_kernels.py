@@ -48,10 +48,13 @@ def load() -> ModuleType | None:
     """The compiled kernel module, or None (logged once) if it cannot be built here."""
     from torch.utils import cpp_extension
 
+    build_dir = _build_dir()
+    if not any(build_dir.glob("*.so")):
+        logger.info("compiling the CPU attention kernel into %s (once, ~30 s)", build_dir)
     try:
         return cpp_extension.load(
             name="sglbatch_decode_attention", sources=[str(SOURCE)],
-            build_directory=str(_build_dir()),
+            build_directory=str(build_dir),
             extra_cflags=CFLAGS, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use plain torch
         logger.warning("CPU attention kernel unavailable (%s: %s); using the torch backend",
