@@ -48,6 +48,8 @@ class EngineConfig:
     schedule_conservativeness: float = field(default=1.0, metadata={
         "help": "scales how many future decode tokens admission reserves; higher admits "
                 "fewer requests but retracts less"})
+    enable_torch_compile: bool = field(default=False, metadata={
+        "help": "fuse RMSNorm and SwiGLU with torch.compile (inductor; compiles on first use)"})
     random_seed: int = field(default=0, metadata={"help": "seed for requests without one"})
     num_threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's choice)"})

@@ -12,6 +12,7 @@ from sglbatch.engine.attention import create_attention_backend
 from sglbatch.engine.batch import Batch, ForwardBatch
 from sglbatch.engine.config import EngineConfig, ModelConfig
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
+from sglbatch.engine.layers.compile import compile_elementwise
 from sglbatch.engine.layers.linear import pack_linears
 from sglbatch.engine.loader import load_weights
 from sglbatch.engine.models import create_model
@@ -36,6 +37,8 @@ class ModelRunner:
         self.model.to(self.device).eval()
         if self.device.type == "cpu":
             pack_linears(self.model)
+        if config.enable_torch_compile:
+            compile_elementwise(self.model)
 
         mc = self.model_config
         per_token = KVPool.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads,

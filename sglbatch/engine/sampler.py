@@ -65,10 +65,8 @@ class SamplingBatch:
 
 
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
-    """logits: [batch, vocab] in the model's dtype -> next token ids [batch] (int64).
-    Greedy needs no fp32 copy of the logits (the widening is exact, so argmax agrees); at
-    batch 256 that copy alone took 18 ms a step."""
-    greedy = logits.argmax(dim=-1)
+    """logits: [batch, vocab] in the model's dtype -> next token ids [batch] (int64)."""
+    greedy = _argmax(logits)
     if sb.all_greedy:
         return greedy
     probs = torch.softmax(logits.float() / sb.temperatures, dim=-1)
@@ -78,6 +76,13 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
     noise = -torch.log(seeded_uniform(sb.seeds, sb.steps, probs.shape[-1])).to(probs.dtype)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(sb.is_greedy, greedy, sampled)
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax, widening to fp32 a few rows at a time: torch's bf16 argmax is 4x
+    slower than fp32's, and widening all 256 x 49k logits at once (a fresh 50 MB buffer)
+    took 19 ms a step against 6 ms in cache-sized pieces. The widening is exact."""
+    return torch.cat([rows.float().argmax(dim=-1) for rows in logits.split(16)])
 
 
 def _filter_top_k_top_p_min_p(probs: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
