@@ -11,12 +11,12 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.panel import Panel
-from sglbatch.jobs.reader import count_rows, iter_rows
-from sglbatch.jobs.spec import JobSpec, load_jobs
-from sglbatch.jobs.writer import merge_outputs, shard_output_path
 
 from sglbatch.jobs.progress import summary_table
-from sglbatch.jobs.render import RowError, render_messages, render_prompt, render_sampling
+from sglbatch.jobs.reader import count_rows, iter_rows
+from sglbatch.jobs.render import RowError, render_input, render_sampling
+from sglbatch.jobs.spec import JobSpec, load_jobs
+from sglbatch.jobs.writer import merge_outputs, shard_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +82,11 @@ def run_jobs(path: str, shard: tuple[int, int] | None, dry_run: bool, console: C
                 with console.status(f"loading {job.model['model_path']}..."):
                     engine = Engine(**job.model)
                 engine_args = job.model
-            output = shard_output_path(job.output.path, shard)
+            runner = JobRunner(job, engine, shard, console)
+            output = runner.output_path
             with _log_to(output.with_name(output.name + ".log")):
                 try:
-                    stats = JobRunner(job, engine, shard, console).run()
+                    stats = runner.run()
                 except TooManyErrors as e:
                     console.print(f"[red]error:[/red] {e}")
                     return 1
@@ -107,11 +108,10 @@ def _dry_run(job: JobSpec, console: Console) -> None:
         if shown == DRY_RUN_ROWS:
             break
         try:
-            if row.error is not None:
-                raise RowError(row.error)
-            request = (render_prompt(job, row.data) if job.prompt is not None
-                       else render_messages(job, row.data) if job.messages is not None
-                       else f"program {job.program}({', '.join(row.data)})")
+            if job.program is not None and row.error is None:
+                request = f"program {job.program}({', '.join(row.data)})"
+            else:
+                request = render_input(job, row)
             body = f"{request}\n[dim]sampling: {render_sampling(job, row.data)}"
             console.print(Panel(body, title=f"row {row.id!r}", expand=False))
         except RowError as e:

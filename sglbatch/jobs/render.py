@@ -7,6 +7,7 @@ import json
 import string
 from typing import Any
 
+from sglbatch.jobs.reader import Row
 from sglbatch.jobs.spec import JobSpec
 
 
@@ -77,3 +78,12 @@ def render_sampling(job: JobSpec, row: dict[str, Any]) -> dict[str, Any]:
 
 def render_prompt(job: JobSpec, row: dict[str, Any]) -> str:
     return _format(job.prompt, row, "prompt")
+
+
+def render_input(job: JobSpec, row: Row) -> str | list[dict[str, Any]]:
+    """The row's prompt text (a `prompt` job) or chat messages (a `messages` job)."""
+    if row.error is not None:  # the reader could not read it
+        raise RowError(row.error)
+    if job.prompt is not None:
+        return render_prompt(job, row.data)
+    return render_messages(job, row.data)

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
-from sglbatch.jobs.reader import Row, count_rows, iter_rows
-from sglbatch.jobs.spec import JobSpec
-from sglbatch.jobs.writer import ResultWriter, shard_output_path
 
 from sglbatch.jobs.order import order_by_prefix
 from sglbatch.jobs.progress import JobProgress, JobStats
-from sglbatch.jobs.render import RowError, render_messages, render_prompt, render_sampling
+from sglbatch.jobs.reader import Row, count_rows, iter_rows
+from sglbatch.jobs.render import RowError, render_input, render_sampling
+from sglbatch.jobs.spec import JobSpec
+from sglbatch.jobs.writer import ResultWriter, shard_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +76,12 @@ class JobRunner:
 
     def _prepare(self, row: Row) -> _Prepared:
         tokenizer = self.engine.tokenizer
-        if row.error is not None:
-            raise RowError(row.error)
-        if self.job.prompt is not None:
-            input_ids = tokenizer.encode(render_prompt(self.job, row.data))
+        request = render_input(self.job, row)
+        if isinstance(request, str):
+            input_ids = tokenizer.encode(request)
         else:
             try:
-                input_ids = tokenizer.apply_chat_template(render_messages(self.job, row.data))
-            except RowError:
-                raise
+                input_ids = tokenizer.apply_chat_template(request)
             except Exception as e:  # a template that rejects these messages
                 raise RowError(f"messages: the chat template rejected them: {e}") from e
         return _Prepared(row, input_ids, render_sampling(self.job, row.data))

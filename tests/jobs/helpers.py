@@ -26,6 +26,16 @@ def write_job(path: Path, model_dir: Path, **job: Any) -> Path:
     return path
 
 
+def write_prompt_job(tmp_path: Path, model_dir: Path, rows: list[dict[str, Any]],
+                     **job: Any) -> Path:
+    """The usual test job: `rows` as in.jsonl (ids in `id`), a Q/A prompt over `question`,
+    out.jsonl in input order; `job` adds or replaces fields."""
+    spec = {"input": {"path": str(write_jsonl(tmp_path / "in.jsonl", rows)), "id_column": "id"},
+            "prompt": "Q: {question}\nA:",
+            "output": {"path": str(tmp_path / "out.jsonl"), "sort_output": True}, **job}
+    return write_job(tmp_path / "job.yaml", model_dir, **spec)
+
+
 def read_output(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq

@@ -15,7 +15,7 @@ import yaml
 
 from sglbatch.jobs.runner import JobRunner
 from sglbatch.jobs.spec import load_jobs
-from tests.jobs.helpers import QUICKSTART_ROWS, read_output, write_job, write_jsonl
+from tests.jobs.helpers import QUICKSTART_ROWS, read_output, write_job, write_prompt_job
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +32,8 @@ def _committed(output: Path) -> int:
 
 
 def test_kill9_at_random_moments_then_resume(engine, smollm2_dir, tmp_path):
-    job_file = write_job(
-        tmp_path / "job.yaml", smollm2_dir,
-        input={"path": str(write_jsonl(tmp_path / "in.jsonl", ROWS)), "id_column": "id"},
-        prompt="Q: {question}\nA:", sampling={"temperature": 0, "max_new_tokens": 16},
-        output={"path": str(tmp_path / "out.jsonl"), "sort_output": True},
-        max_inflight=4, chunk_rows=2)
+    job_file = write_prompt_job(tmp_path, smollm2_dir, ROWS, max_inflight=4, chunk_rows=2,
+                                sampling={"temperature": 0, "max_new_tokens": 16})
     output = tmp_path / "out.jsonl"
     rng = random.Random(1234)
     mid_run_kills = 0

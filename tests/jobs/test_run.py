@@ -15,7 +15,13 @@ import pytest
 from sglbatch.jobs.runner import JobRunner, TooManyErrors
 from sglbatch.jobs.spec import load_jobs
 from sglbatch.jobs.writer import merge_outputs, shard_output_path
-from tests.jobs.helpers import QUICKSTART_ROWS, read_output, write_job, write_jsonl
+from tests.jobs.helpers import (
+    QUICKSTART_ROWS,
+    read_output,
+    write_job,
+    write_jsonl,
+    write_prompt_job,
+)
 
 # Long enough (> 32 tokens) that the scheduler holds rows back until it is cached.
 SYSTEM = ("You are a concise assistant for a quiz night. Answer each question in one short "
@@ -117,12 +123,7 @@ def test_bad_rows_become_error_records_and_the_rest_complete(engine, smollm2_dir
 
 
 def test_four_shards_together_equal_the_unsharded_run(engine, smollm2_dir, tmp_path):
-    rows = QUICKSTART_ROWS[:14]
-    job_file = write_job(
-        tmp_path / "job.yaml", smollm2_dir,
-        input={"path": str(write_jsonl(tmp_path / "in.jsonl", rows)), "id_column": "id"},
-        prompt="Q: {question}\nA:", output={"path": str(tmp_path / "out.jsonl"),
-                                            "sort_output": True})
+    job_file = write_prompt_job(tmp_path, smollm2_dir, QUICKSTART_ROWS[:14])
     job, _ = _run(job_file, engine)
     whole = read_output(tmp_path / "out.jsonl")
     for i in range(4):
@@ -138,11 +139,7 @@ def test_four_shards_together_equal_the_unsharded_run(engine, smollm2_dir, tmp_p
 
 def test_max_errors_stops_the_run_and_keeps_what_finished(engine, smollm2_dir, tmp_path):
     rows = [{"id": f"bad{i}"} for i in range(3)] + [{"id": "ok", "question": "Hi?"}]
-    job_file = write_job(
-        tmp_path / "job.yaml", smollm2_dir,
-        input={"path": str(write_jsonl(tmp_path / "in.jsonl", rows)), "id_column": "id"},
-        prompt="Q: {question}\nA:", output={"path": str(tmp_path / "out.jsonl")},
-        max_errors=1, order="input")
+    job_file = write_prompt_job(tmp_path, smollm2_dir, rows, max_errors=1, order="input")
     with pytest.raises(TooManyErrors, match="max_errors=1"):
         _run(job_file, engine)
     # The errors so far are committed: a rerun with a higher limit skips them and finishes.

@@ -11,7 +11,7 @@ import pytest
 
 from sglbatch.jobs.runner import JobRunner
 from sglbatch.jobs.spec import load_jobs
-from tests.jobs.helpers import QUICKSTART_ROWS, REPO, read_output, write_job, write_jsonl
+from tests.jobs.helpers import QUICKSTART_ROWS, REPO, read_output, write_prompt_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -19,11 +19,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 def test_slurm_array_shards_merge_into_the_unsharded_output(slurm_cluster, engine, smollm2_dir,
                                                             tmp_path):
     rows = QUICKSTART_ROWS[:12]
-    job_file = write_job(
-        tmp_path / "job.yaml", smollm2_dir,
-        input={"path": str(write_jsonl(tmp_path / "in.jsonl", rows)), "id_column": "id"},
-        prompt="Q: {question}\nA:", output={"path": str(tmp_path / "out.jsonl"),
-                                            "sort_output": True})
+    job_file = write_prompt_job(tmp_path, smollm2_dir, rows)
     res = slurm_cluster.run(
         "sbatch", "--wait", "--array=0-3", "--export=ALL", f"--chdir={REPO}",
         f"--output={tmp_path}/slurm-%A_%a.out", str(REPO / "jobs" / "slurm_array.sbatch"),

@@ -44,7 +44,6 @@ class _Bucket:
 @dataclass
 class _DecodeMetadata:
     shared: list[_SharedPrefix]
-    prefix_lens: list[int]  # per request, the length of its shared prefix (0 if none)
     suffix: object  # how the backend attends each request's own suffix
 
 
@@ -85,8 +84,7 @@ class TorchNativeBackend(AttentionBackend):
     def _decode_metadata(self, fb: ForwardBatch) -> _DecodeMetadata:
         rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]
         shared, prefix_lens = _shared_prefixes(rows, fb.seq_lens_cpu)
-        return _DecodeMetadata(shared, prefix_lens,
-                               self._suffix_metadata(fb, rows, prefix_lens))
+        return _DecodeMetadata(shared, self._suffix_metadata(fb, rows, prefix_lens))
 
     def _suffix_metadata(self, fb: ForwardBatch, rows: torch.Tensor,
                          prefix_lens: list[int]) -> list[_Bucket]:
