@@ -76,7 +76,9 @@ def run_jobs(path: str, shard: tuple[int, int] | None, dry_run: bool, console: C
     engine, engine_args = None, None
     try:
         for job in jobs:
-            if job.model != engine_args:  # consecutive jobs on one model share its engine
+            # Consecutive jobs on one model share its engine; a job without one (endpoint)
+            # is refused by JobRunner with the reason.
+            if job.model is not None and job.model != engine_args:
                 if engine is not None:
                     engine.shutdown()
                 with console.status(f"loading {job.model['model_path']}..."):
