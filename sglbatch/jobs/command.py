@@ -121,19 +121,29 @@ def _dry_run(job: JobSpec, console: Console) -> None:
 
 
 def merge_jobs(path: str, num_shards: int, console: Console) -> int:
-    """Join each job's shard outputs into its output path, every row exactly once."""
+    """Join each job's shard outputs into its output path, every row exactly once. The
+    output is replaced only by a complete merge: a shortfall leaves it as it was."""
+    if num_shards < 1:
+        raise ValueError(f"--shards {num_shards}: need at least 1 (the n of --shard i/n)")
     for job in load_jobs(path):
         parts = [shard_output_path(job.output.path, (i, num_shards)) for i in range(num_shards)]
         missing = [str(p) for p in parts if not p.exists()]
         if missing:
             raise ValueError(f"job {job.name}: shard outputs missing: {', '.join(missing)} "
                              "(fix: run those shards to completion first)")
-        report = merge_outputs(parts, job.output.path, job.output.format,
-                               sort_output=True, expected_ids=count_rows(job.input))
-        if report.missing:
-            raise ValueError(f"job {job.name}: the shards hold {report.rows} rows, "
-                             f"{report.missing} fewer than the input's {report.expected_ids} "
-                             "(fix: run the shards again: they resume and finish)")
-        console.print(f"job {job.name}: merged {len(parts)} shards into {job.output.path}: "
+        out = job.output.path
+        staged = out.with_name(f".{out.name}.merging")
+        try:
+            report = merge_outputs(parts, staged, job.output.format, sort_output=True,
+                                   expected_ids=count_rows(job.input))
+            if report.missing:
+                raise ValueError(f"job {job.name}: the shards hold {report.rows} rows, "
+                                 f"{report.missing} fewer than the input's "
+                                 f"{report.expected_ids} (fix: run the shards again: they "
+                                 "resume and finish)")
+            os.replace(staged, out)
+        finally:
+            staged.unlink(missing_ok=True)
+        console.print(f"job {job.name}: merged {len(parts)} shards into {out}: "
                       f"{report.rows} rows")
     return 0

@@ -162,3 +162,22 @@ def test_dry_run_shows_the_first_requests_without_a_model(smollm2_dir, tmp_path)
     assert res.returncode == 0, res.stderr
     assert "Q: What is the capital of France?" in res.stderr
     assert "(24 rows)" in res.stderr and not (tmp_path / "out.jsonl").exists()
+
+
+def test_merge_refuses_a_shortfall_and_leaves_the_output_alone(smollm2_dir, tmp_path):
+    from rich.console import Console
+
+    from sglbatch.jobs.command import merge_jobs
+
+    job_file = write_prompt_job(tmp_path, smollm2_dir, QUICKSTART_ROWS[:4])
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "capital-fr", "index": 0, "text": "kept"}\n')
+    for i in range(2):  # shard 1 lost its rows: 1 of the 4 is there
+        records = [{"id": "capital-jp", "index": 1, "text": "x"}] if i == 0 else []
+        write_jsonl(shard_output_path(out, (i, 2)), records)
+    with pytest.raises(ValueError, match="3 fewer than the input's 4"):
+        merge_jobs(str(job_file), 2, Console(stderr=True))
+    with pytest.raises(ValueError, match="--shards 0: need at least 1"):
+        merge_jobs(str(job_file), 0, Console(stderr=True))
+    assert read_output(out) == [{"id": "capital-fr", "index": 0, "text": "kept"}]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
