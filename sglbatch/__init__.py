@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "EngineConfig", "SamplingParams"]
+__all__ = ["CustomLogitProcessor", "Engine", "EngineConfig", "SamplingParams"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,4 +22,8 @@ def __getattr__(name: str) -> Any:
         from sglbatch.engine.request import SamplingParams
 
         return SamplingParams
+    if name == "CustomLogitProcessor":
+        from sglbatch.engine.custom_logit_processor import CustomLogitProcessor
+
+        return CustomLogitProcessor
     raise AttributeError(f"module 'sglbatch' has no attribute {name!r}")

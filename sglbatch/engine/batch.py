@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sglbatch.engine.logprobs import StepLogprobs
 from sglbatch.engine.request import Req
 
 
@@ -28,6 +29,15 @@ class Batch:
         """Whether request `i` gets a next token from this step (not a mid-prompt chunk)."""
         req = self.reqs[i]
         return req.kv_len + self.extend_lens[i] == req.fill_len
+
+
+@dataclass
+class StepResult:
+    """What one forward pass produced for each request of the batch."""
+
+    next_ids: list[int]  # meaningless for a request mid-prompt (see `Batch.samples`)
+    output_logprobs: list[StepLogprobs | None]
+    input_logprobs: list[list[StepLogprobs]]  # this step's share of each prompt's logprobs
 
 
 @dataclass(eq=False)

@@ -50,6 +50,9 @@ class EngineConfig:
                 "fewer requests but retracts less"})
     enable_torch_compile: bool = field(default=False, metadata={
         "help": "fuse RMSNorm and SwiGLU with torch.compile (inductor; compiles on first use)"})
+    enable_custom_logit_processor: bool = field(default=False, metadata={
+        "help": "accept custom logit processors sent with requests (this runs code the "
+                "client sends; only enable it for trusted clients)"})
     random_seed: int = field(default=0, metadata={"help": "seed for requests without one"})
     num_threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's choice)"})

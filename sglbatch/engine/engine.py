@@ -17,10 +17,12 @@ from typing import Any
 import torch
 
 from sglbatch.engine.config import DEFAULT_MODEL, EngineConfig
-from sglbatch.engine.inputs import RequestInput, normalize_inputs
+from sglbatch.engine.grammar import Grammar, GrammarCompiler
+from sglbatch.engine.inputs import RequestExtras, RequestInput, normalize_inputs
+from sglbatch.engine.logprobs import meta_info_fields
 from sglbatch.engine.model_runner import ModelRunner
 from sglbatch.engine.model_source import resolve_model_path
-from sglbatch.engine.request import FinishReason, Req
+from sglbatch.engine.request import FinishReason, Req, derive_seed
 from sglbatch.engine.scheduler import Scheduler
 from sglbatch.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop_string
 
@@ -62,6 +64,10 @@ class Engine:
         self.tokenizer = Tokenizer(model_dir)
         self._seeds = random.Random(self.config.random_seed)
         self._tracked: dict[str, _Tracked] = {}
+        # n > 1: the other samples of a prompt wait until the first one's prompt is cached.
+        self._held: dict[str, list[_Tracked]] = {}
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stopped = False
         ready: queue.Queue[BaseException | None] = queue.Queue()
@@ -92,10 +98,15 @@ class Engine:
     # ---- public API -------------------------------------------------------------------
 
     def generate(self, prompt: Any = None, sampling_params: Any = None, input_ids: Any = None,
-                 messages: Any = None, rid: Any = None, stream: bool = False) -> Any:
-        """Blocking generation. One prompt -> a dict; a list -> a list of dicts (same order).
-        With `stream=True`, an iterator of delta dicts (each carries `index` for batches)."""
-        inputs, is_batch = self._normalize(prompt, input_ids, messages, sampling_params, rid)
+                 messages: Any = None, rid: Any = None, stream: bool = False,
+                 **extras: Any) -> Any:
+        """Blocking generation. One prompt -> a dict; a list -> a list of dicts (same order;
+        a prompt with n > 1 gives n consecutive dicts). With `stream=True`, an iterator of
+        delta dicts (each carries `index` for batches). `extras`: SGLang's return_logprob,
+        logprob_start_len, top_logprobs_num, token_ids_logprob, return_text_in_logprobs,
+        custom_logit_processor."""
+        inputs, is_batch = self._normalize(prompt, input_ids, messages, sampling_params, rid,
+                                           extras)
         results: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
         self._submit(inputs, lambda i, out: results.put((i, out)), stream)
         if stream:
@@ -108,10 +119,11 @@ class Engine:
 
     async def async_generate(self, prompt: Any = None, sampling_params: Any = None,
                              input_ids: Any = None, messages: Any = None, rid: Any = None,
-                             stream: bool = False) -> Any:
+                             stream: bool = False, **extras: Any) -> Any:
         """As SGLang: awaits the final dict(s), or with `stream=True` returns an async
         iterator of delta dicts. Closing the iterator early aborts the request(s)."""
-        inputs, is_batch = self._normalize(prompt, input_ids, messages, sampling_params, rid)
+        inputs, is_batch = self._normalize(prompt, input_ids, messages, sampling_params, rid,
+                                           extras)
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue()
         self._submit(inputs, lambda i, out: loop.call_soon_threadsafe(
@@ -148,24 +160,47 @@ class Engine:
     # ---- submission -------------------------------------------------------------------
 
     def _normalize(self, prompt: Any, input_ids: Any, messages: Any, sampling_params: Any,
-                   rid: Any) -> tuple[list[RequestInput], bool]:
+                   rid: Any, extras: dict[str, Any]) -> tuple[list[RequestInput], bool]:
         if self._stopped:
             raise RuntimeError("the engine has been shut down")
+        try:
+            request_extras = RequestExtras(**extras)
+        except TypeError:
+            known = [f for f in RequestExtras.__dataclass_fields__]
+            raise ValueError(f"generate: unknown argument(s) {sorted(extras)}; "
+                             f"valid extras are {known}") from None
         return normalize_inputs(
             self.tokenizer, prompt=prompt, input_ids=input_ids, messages=messages,
-            sampling_params=sampling_params, rid=rid,
+            sampling_params=sampling_params, rid=rid, extras=request_extras,
             vocab_size=self.model_runner.model_config.vocab_size,
-            max_req_len=self.model_runner.max_req_len)
+            max_req_len=self.model_runner.max_req_len, compile_grammar=self._compile_grammar,
+            allow_custom_logit_processor=self.config.enable_custom_logit_processor)
+
+    def _compile_grammar(self, kind: str, source: str) -> Any:
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(
+                    self.tokenizer.hf, self.model_runner.model_config.vocab_size)
+        return self._grammar_compiler.compile(kind, source)
 
     def _submit(self, inputs: list[RequestInput], sink: Sink, stream: bool) -> None:
+        group: list[_Tracked] = []
         for index, inp in enumerate(inputs):
             params = inp.sampling_params
             seed = params.sampling_seed
-            req = Req(inp.rid, inp.input_ids, params,
-                      seed=seed if seed is not None else self._seeds.getrandbits(62))
+            seed = self._seeds.getrandbits(62) if seed is None else \
+                derive_seed(seed, inp.sample_index)
+            req = Req(inp.rid, inp.input_ids, params, seed=seed,
+                      logprob_options=inp.logprob_options,
+                      grammar=Grammar(inp.compiled_grammar) if inp.compiled_grammar else None,
+                      custom_logit_processor=inp.custom_logit_processor)
             detok = IncrementalDetokenizer(self.tokenizer, inp.input_ids,
-                                           params.skip_special_tokens)
-            self._inbox.put(("add", _Tracked(req, index, sink, stream, detok)))
+                                           params.skip_special_tokens,
+                                           params.spaces_between_special_tokens)
+            group.append(_Tracked(req, index, sink, stream, detok))
+            if len(group) == params.n:
+                self._inbox.put(("add", group))
+                group = []
 
     def _iter_stream(self, results: queue.Queue, inputs: list[RequestInput],
                      is_batch: bool) -> Iterator[dict[str, Any]]:
@@ -224,39 +259,68 @@ class Engine:
             if kind == "stop":
                 return False
             if kind == "add":
-                self._add(payload)
+                self._add_group(payload)
             elif kind == "flush":
                 payload(self.scheduler.flush_cache())
             elif kind == "abort":
-                req = self.scheduler.abort(payload, "aborted by the client")
+                req = self.scheduler.abort(payload, "aborted by the client") or \
+                    self._abort_held(payload)
                 if req is not None:
                     self._finish(req)
 
+    def _add_group(self, group: list[_Tracked]) -> None:
+        """Queue a prompt's first sample; its other samples wait for its prompt to be
+        cached (see `_release_held`), so the prompt is computed once."""
+        leader, followers = group[0], group[1:]
+        for tracked in group:
+            self._tracked[tracked.req.rid] = tracked
+        if followers:
+            self._held[leader.req.rid] = followers
+        self._add(leader)
+
     def _add(self, tracked: _Tracked) -> None:
         req = tracked.req
-        self._tracked[req.rid] = tracked
         if req.sampling_params.max_new_tokens == 0:
             req.finish_reason = FinishReason.max_length(0)
             self._finish(req)
             return
         self.scheduler.add_request(req)
 
+    def _release_held(self, leader: Req) -> None:
+        reason = leader.finish_reason
+        for tracked in self._held.pop(leader.rid, []):
+            if reason is not None and reason.kind == "abort":  # shutdown or engine error
+                tracked.req.finish_reason = FinishReason.abort(reason.message)
+                self._finish(tracked.req)
+            else:
+                self._add(tracked)
+
+    def _abort_held(self, rid: str) -> Req | None:
+        for followers in self._held.values():
+            for tracked in followers:
+                if tracked.req.rid == rid:
+                    followers.remove(tracked)
+                    tracked.req.finish_reason = FinishReason.abort("aborted by the client")
+                    return tracked.req
+        return None
+
     def step(self) -> None:
         """One scheduling step: run a batch, then hand out tokens and finished requests."""
         batch = self.scheduler.schedule()
         if batch is None:
             return
-        next_ids = self.model_runner.forward_and_sample(batch)
-        for req in self.scheduler.process_output(batch, next_ids):
+        result = self.model_runner.forward_and_sample(batch)
+        for req in self.scheduler.process_output(batch, result):
             self._on_token(req)
         for req in self.scheduler.release_finished():
             self._finish(req)
 
     def _on_token(self, req: Req) -> None:
+        self._release_held(req)
         tracked = self._tracked[req.rid]
         if not tracked.needs_live_text:
             return  # detokenized once at finish
-        delta = tracked.detok.append(req.output_ids[-1:])
+        delta = tracked.detok.append(_visible_ids(req, req.output_ids[-1:]))
         stops = req.sampling_params.stop
         if delta and stops and not req.is_finished:
             match = find_stop_string(tracked.detok.text, stops, len(delta))
@@ -271,10 +335,11 @@ class Engine:
             self._emit(tracked, visible_chars=len(tracked.detok.text) - hold)
 
     def _finish(self, req: Req) -> None:
+        self._release_held(req)
         tracked = self._tracked.pop(req.rid)
         detok = tracked.detok
         if not tracked.needs_live_text:
-            detok.append(req.output_ids)
+            detok.append(_visible_ids(req, req.output_ids))
         if req.finish_reason is None or req.finish_reason.kind != "stop" or \
                 not isinstance(req.finish_reason.matched, str):
             detok.flush()
@@ -282,6 +347,7 @@ class Engine:
 
     def _emit(self, tracked: _Tracked, visible_chars: int) -> None:
         req = tracked.req
+        sent_ids = tracked.sent_ids if tracked.stream else 0
         if tracked.stream:
             text = tracked.detok.text[tracked.sent_chars:max(visible_chars, tracked.sent_chars)]
             ids = req.output_ids[tracked.sent_ids:]
@@ -292,11 +358,11 @@ class Engine:
         else:
             text, ids = tracked.detok.text, list(req.output_ids)
         tracked.sink(tracked.index, {"text": text, "output_ids": ids,
-                                     "meta_info": self._meta_info(tracked)})
+                                     "meta_info": self._meta_info(tracked, sent_ids)})
 
-    def _meta_info(self, tracked: _Tracked) -> dict[str, Any]:
+    def _meta_info(self, tracked: _Tracked, output_from: int) -> dict[str, Any]:
         req = tracked.req
-        return {
+        meta = {
             "id": req.rid,
             "finish_reason": req.finish_reason.to_json() if req.finish_reason else None,
             "prompt_tokens": len(req.input_ids),
@@ -304,6 +370,23 @@ class Engine:
             "cached_tokens": req.cached_tokens,
             "e2e_latency": time.perf_counter() - tracked.created,
         }
+        if req.logprob_options is not None:
+            meta.update(meta_info_fields(req.logprob_options, req.logprobs, output_from,
+                                         self._token_text))
+        return meta
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _visible_ids(req: Req, ids: list[int]) -> list[int]:
+    """`ids` (the tail of the output) without a matched stop token at the very end: as
+    SGLang, it stays in output_ids but not in the text, unless no_stop_trim."""
+    reason = req.finish_reason
+    if reason is not None and reason.kind == "stop" and isinstance(reason.matched, int) \
+            and not req.sampling_params.no_stop_trim and ids:
+        return ids[:-1]
+    return ids
 
 
 def _stream_delta(item: tuple[int, dict[str, Any]], is_batch: bool) -> tuple[dict[str, Any], bool]:

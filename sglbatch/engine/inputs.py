@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sglbatch.engine.custom_logit_processor import load_processor
+from sglbatch.engine.logprobs import LogprobOptions
 from sglbatch.engine.request import SamplingParams
 from sglbatch.engine.tokenizer import Tokenizer
 
@@ -15,6 +19,35 @@ class RequestInput:
     rid: str
     input_ids: list[int]
     sampling_params: SamplingParams
+    logprob_options: LogprobOptions | None = None
+    compiled_grammar: Any = None  # shared by the n samples; each gets its own matcher
+    custom_logit_processor: Any = None
+    sample_index: int = 0  # which of the prompt's n parallel samples this is
+
+
+@dataclass
+class RequestExtras:
+    """`generate` arguments beyond the prompt and sampling parameters; each may be one
+    value for all prompts or a list with one per prompt, as in SGLang."""
+
+    return_logprob: Any = False
+    logprob_start_len: Any = None
+    top_logprobs_num: Any = None
+    token_ids_logprob: Any = None
+    return_text_in_logprobs: bool = False
+    custom_logit_processor: Any = None
+
+    def for_prompt(self, i: int, n: int) -> RequestExtras:
+        values = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            # token_ids_logprob is itself a list: per prompt only as a list of lists.
+            per_prompt = isinstance(value, list) and (
+                f.name != "token_ids_logprob" or (value and isinstance(value[0], list)))
+            if per_prompt and len(value) != n:
+                raise ValueError(f"{f.name}: got {len(value)} values for {n} prompts")
+            values[f.name] = value[i] if per_prompt else value
+        return RequestExtras(**values)
 
 
 def _is_batch(value: Any, item_type: type) -> bool:
@@ -55,8 +88,12 @@ def _prompts_to_ids(tokenizer: Tokenizer, prompt: Any, input_ids: Any, messages:
 
 def normalize_inputs(tokenizer: Tokenizer, *, prompt: Any = None, input_ids: Any = None,
                      messages: Any = None, sampling_params: Any = None, rid: Any = None,
-                     vocab_size: int, max_req_len: int) -> tuple[list[RequestInput], bool]:
-    """Validate everything up front so a bad request fails in the caller, not in the loop."""
+                     extras: RequestExtras | None = None, vocab_size: int, max_req_len: int,
+                     compile_grammar: Callable[[str, str], Any],
+                     allow_custom_logit_processor: bool) -> tuple[list[RequestInput], bool]:
+    """Validate everything up front so a bad request fails in the caller, not in the loop.
+    A prompt with `n` > 1 becomes n consecutive requests (so the call returns a list)."""
+    extras = extras or RequestExtras()
     ids_list, is_batch, source = _prompts_to_ids(tokenizer, prompt, input_ids, messages)
     n = len(ids_list)
     if isinstance(sampling_params, list):
@@ -87,6 +124,26 @@ def normalize_inputs(tokenizer: Tokenizer, *, prompt: Any = None, input_ids: Any
         params.verify()
         # As SGLang: the output may use whatever context the prompt leaves.
         params.max_new_tokens = min(params.max_new_tokens, max_req_len - len(ids))
-        requests.append(RequestInput(str(req_id) if req_id is not None else uuid.uuid4().hex,
-                                     ids, params))
+        extra = extras.for_prompt(i, n)
+        logprob_options = None
+        if extra.return_logprob:
+            logprob_options = LogprobOptions.resolve(
+                len(ids), extra.logprob_start_len, extra.top_logprobs_num,
+                extra.token_ids_logprob, bool(extra.return_text_in_logprobs), vocab_size, where)
+        processor = None
+        if extra.custom_logit_processor is not None:
+            if not allow_custom_logit_processor:
+                raise ValueError(
+                    "custom_logit_processor: refused, it runs code sent with the request; "
+                    "start the engine with enable_custom_logit_processor=True "
+                    "(--enable-custom-logit-processor) to allow it")
+            processor = load_processor(extra.custom_logit_processor)
+        compiled = compile_grammar(*params.constraint) if params.constraint else None
+        base_rid = str(req_id) if req_id is not None else None
+        for j in range(params.n):
+            rid_j = (base_rid if params.n == 1 else f"{base_rid}-{j}") if base_rid \
+                else uuid.uuid4().hex
+            requests.append(RequestInput(rid_j, ids, params, logprob_options, compiled,
+                                         processor, sample_index=j))
+    is_batch = is_batch or any(r.sampling_params.n > 1 for r in requests)
     return requests, is_batch

@@ -9,16 +9,19 @@ from pathlib import Path
 import torch
 
 from sglbatch.engine.attention import create_attention_backend
-from sglbatch.engine.batch import Batch, ForwardBatch
+from sglbatch.engine.batch import Batch, ForwardBatch, ForwardMode, StepResult
 from sglbatch.engine.config import EngineConfig, ModelConfig
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
 from sglbatch.engine.layers.compile import compile_elementwise
 from sglbatch.engine.layers.linear import pack_linears
 from sglbatch.engine.loader import load_weights
 from sglbatch.engine.models import create_model
-from sglbatch.engine.sampler import SamplingBatch, sample
+from sglbatch.engine.logprobs import StepLogprobs, gather_step_logprobs
+from sglbatch.engine.sampler import SamplingBatch, output_logprobs, process_logits, sample
 
 logger = logging.getLogger(__name__)
+
+_LOGPROB_ROWS = 512
 
 
 class ModelRunner:
@@ -91,14 +94,47 @@ class ModelRunner:
     def forward(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
         """Logits [batch, vocab] at each request's last new token, or [tokens, vocab] for
         every new token with `all_logits`, in the model's dtype."""
-        fb = self.build_forward_batch(batch)
-        self.attn_backend.init_forward_metadata(fb)
-        hidden = self.model(fb.input_ids, fb.positions, fb, self.attn_backend)
+        fb, hidden = self._hidden_states(batch)
         if not all_logits:
             hidden = hidden[fb.last_token_indices]
         return self.model.compute_logits(hidden)
 
-    def forward_and_sample(self, batch: Batch) -> list[int]:
-        logits = self.forward(batch)
-        sb = SamplingBatch.from_reqs(batch.reqs, logits.shape[-1])
-        return sample(logits, sb).tolist()
+    def _hidden_states(self, batch: Batch) -> tuple[ForwardBatch, torch.Tensor]:
+        fb = self.build_forward_batch(batch)
+        self.attn_backend.init_forward_metadata(fb)
+        return fb, self.model(fb.input_ids, fb.positions, fb, self.attn_backend)
+
+    @torch.inference_mode()
+    def forward_and_sample(self, batch: Batch) -> StepResult:
+        fb, hidden = self._hidden_states(batch)
+        logits = self.model.compute_logits(hidden[fb.last_token_indices])
+        sb = SamplingBatch.from_reqs(batch.reqs, logits.shape[-1],
+                                     self.model_config.eos_token_ids)
+        logits = process_logits(logits, sb)
+        next_ids = sample(logits, sb)
+        return StepResult(next_ids.tolist(), output_logprobs(logits, next_ids, sb),
+                          self._input_logprobs(batch, fb, hidden))
+
+    def _input_logprobs(self, batch: Batch, fb: ForwardBatch,
+                        hidden: torch.Tensor) -> list[list[StepLogprobs]]:
+        """Prompt-token logprobs from this step's hidden states, for requests that asked:
+        raw logits (no temperature or penalties), as SGLang."""
+        result: list[list[StepLogprobs]] = [[] for _ in batch.reqs]
+        if batch.mode != ForwardMode.EXTEND:
+            return result
+        rows, targets, owners = [], [], []
+        for i, (req, start) in enumerate(zip(batch.reqs, fb.extend_start.tolist())):
+            for position in req.input_logprob_positions(batch.extend_lens[i]):
+                rows.append(start + position - req.kv_len)
+                targets.append(req.input_ids[position + 1])
+                owners.append(i)
+        # In pieces: each row's fp32 logprobs over the vocabulary take ~200 KB.
+        for piece in range(0, len(rows), _LOGPROB_ROWS):
+            sel = slice(piece, piece + _LOGPROB_ROWS)
+            logits = self.model.compute_logits(hidden[torch.tensor(rows[sel])]).float()
+            steps = gather_step_logprobs(torch.log_softmax(logits, dim=-1),
+                                         torch.tensor(targets[sel]),
+                                         [batch.reqs[i].logprob_options for i in owners[sel]])
+            for owner, step in zip(owners[sel], steps):
+                result[owner].append(step)
+        return result

@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from sglbatch.engine.logprobs import LogprobOptions, TokenLogprobs
+
+if TYPE_CHECKING:
+    from sglbatch.engine.grammar import Grammar
 
 GREEDY_EPS = 1e-6  # temperatures below this mean greedy, as in SGLang
 
 # SGLang parameters this version accepts but does not act on yet; refusing them is
 # better than silently ignoring a constraint the caller relies on.
 _NOT_YET_SUPPORTED = {
-    "frequency_penalty": 0.0,
-    "presence_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "min_new_tokens": 0,
-    "n": 1,
-    "json_schema": None,
-    "regex": None,
-    "ebnf": None,
     "structural_tag": None,
-    "custom_params": None,
-    "logit_bias": None,
     "stop_regex": None,
 }
+CONSTRAINT_KINDS = ("json_schema", "regex", "ebnf")
+
+
+def derive_seed(seed: int, sample_index: int) -> int:
+    """The seed of a prompt's `sample_index`-th parallel sample: the first keeps the user's
+    seed; the others get distinct, reproducible ones."""
+    if sample_index == 0:
+        return seed
+    return (seed * 0x9E3779B97F4A7C15 + sample_index * 0xBF58476D1CE4E5B9) % (1 << 62)
 
 
 @dataclass
@@ -54,7 +59,7 @@ class SamplingParams:
     ebnf: str | None = None
     structural_tag: str | None = None
     custom_params: dict[str, Any] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[int, float] | None = None
     stop_regex: str | list[str] | None = None
 
     @classmethod
@@ -77,6 +82,21 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if isinstance(self.json_schema, dict):  # SGLang takes a string; a dict means the same
+            self.json_schema = json.dumps(self.json_schema)
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, source) of the request's structured-output constraint, if any."""
+        for kind in CONSTRAINT_KINDS:
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
+        return None
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or
+                    self.repetition_penalty != 1.0 or self.logit_bias)
 
     @property
     def is_greedy(self) -> bool:
@@ -98,12 +118,36 @@ class SamplingParams:
             ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("top_k", self.top_k == -1 or self.top_k >= 1, "-1 (disabled) or >= 1"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
+            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
+            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
+            ("repetition_penalty", 0.0 < self.repetition_penalty <= 2.0, "in (0, 2]"),
+            ("min_new_tokens", isinstance(self.min_new_tokens, int) and
+             0 <= self.min_new_tokens <= self.max_new_tokens,
+             "an integer in [0, max_new_tokens]"),
+            ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(
                     f"sampling_params.{name} must be {expected}, got {getattr(self, name)!r}"
                 )
+        constraints = [k for k in CONSTRAINT_KINDS if getattr(self, k) is not None]
+        if len(constraints) > 1:
+            raise ValueError(f"sampling_params: {' and '.join(constraints)} are both set; a "
+                             "request takes one constraint (json_schema, regex or ebnf)")
+        for kind in constraints:
+            if not isinstance(getattr(self, kind), str):
+                raise ValueError(f"sampling_params.{kind} must be a string, got "
+                                 f"{type(getattr(self, kind)).__name__}")
+        if self.logit_bias is not None:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (AttributeError, TypeError, ValueError):
+                raise ValueError("sampling_params.logit_bias must map token ids to numbers, "
+                                 f"e.g. {{\"1234\": -100}}; got {self.logit_bias!r}") from None
+        if self.custom_params is not None and not isinstance(self.custom_params, dict):
+            raise ValueError("sampling_params.custom_params must be a dict, got "
+                             f"{type(self.custom_params).__name__}")
         if self.sampling_seed is not None and not isinstance(self.sampling_seed, int):
             raise ValueError(
                 f"sampling_params.sampling_seed must be an integer, got {self.sampling_seed!r}"
@@ -162,6 +206,10 @@ class Req:
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     finish_reason: FinishReason | None = None
     seed: int = 0  # the sampling seed actually used (random when the user gave none)
+    logprob_options: LogprobOptions | None = None  # set when the caller asked for logprobs
+    logprobs: TokenLogprobs = field(default_factory=TokenLogprobs)
+    grammar: Grammar | None = None
+    custom_logit_processor: Any = None
 
     @property
     def fill_ids(self) -> list[int]:
@@ -179,3 +227,24 @@ class Req:
     @property
     def is_finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def next_input_logprob_position(self) -> int | None:
+        """The position whose logits give the next missing input logprob (that of the token
+        after it), or None when the request needs no more input logprobs."""
+        opts = self.logprob_options
+        if opts is None:
+            return None
+        next_token = opts.start + len(self.logprobs.input)
+        if next_token >= len(self.input_ids):
+            return None
+        return max(next_token, 1) - 1
+
+    def input_logprob_positions(self, extend_len: int) -> range:
+        """Positions among this step's new tokens that give input logprobs. The scheduler
+        keeps the cached prefix short enough that none of them was skipped."""
+        first = self.next_input_logprob_position
+        if first is None:
+            return range(0)
+        assert first >= self.kv_len, "input logprobs needed from a cached position"
+        return range(first, min(self.kv_len + extend_len, len(self.input_ids) - 1))

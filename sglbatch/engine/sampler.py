@@ -1,4 +1,6 @@
-"""Batched next-token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds."""
+"""Batched next-token sampling: the logits pipeline (penalties, grammar masks, custom
+processors), then greedy, temperature, top-k, top-p, min-p with per-request seeds, and the
+logprobs of what was chosen."""
 
 from __future__ import annotations
 
@@ -6,6 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sglbatch.engine.custom_logit_processor import apply_custom_processors
+from sglbatch.engine.grammar import apply_grammar_masks
+from sglbatch.engine.logprobs import StepLogprobs, gather_step_logprobs
+from sglbatch.engine.penalties import apply_penalties
 from sglbatch.engine.request import Req
 
 _MASK62 = (1 << 62) - 1
@@ -43,9 +49,13 @@ class SamplingBatch:
     is_greedy: torch.Tensor  # [batch] bool
     all_greedy: bool
     need_sort: bool
+    reqs: list[Req]
+    eos_token_ids: set[int]
+    needs_processing: bool  # any penalty, length control, grammar or custom processor
 
     @classmethod
-    def from_reqs(cls, reqs: list[Req], vocab_size: int) -> SamplingBatch:
+    def from_reqs(cls, reqs: list[Req], vocab_size: int,
+                  eos_token_ids: set[int] = frozenset()) -> SamplingBatch:
         params = [r.sampling_params for r in reqs]
         greedy = [p.is_greedy for p in params]
         top_ks = [vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params]
@@ -61,7 +71,25 @@ class SamplingBatch:
             is_greedy=torch.tensor(greedy),
             all_greedy=all(greedy),
             need_sort=need_sort,
+            reqs=reqs,
+            eos_token_ids=set(eos_token_ids),
+            needs_processing=any(
+                p.has_penalties or len(r.output_ids) < p.min_new_tokens or
+                r.grammar is not None or r.custom_logit_processor is not None
+                for r, p in zip(reqs, params)),
         )
+
+
+def process_logits(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """What the sampler draws from: penalties and length controls, then grammar masks, then
+    custom processors (SGLang's order). Returns fp32 logits when anything applied."""
+    if not sb.needs_processing:
+        return logits
+    logits = logits.float()
+    apply_penalties(logits, sb.reqs, sb.eos_token_ids)
+    apply_grammar_masks(logits, [r.grammar for r in sb.reqs])
+    apply_custom_processors(logits, sb.reqs)
+    return logits
 
 
 def sample(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
@@ -76,6 +104,27 @@ def sample(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
     noise = -torch.log(seeded_uniform(sb.seeds, sb.steps, probs.shape[-1])).to(probs.dtype)
     sampled = (probs / noise).argmax(dim=-1)
     return torch.where(sb.is_greedy, greedy, sampled)
+
+
+def output_logprobs(logits: torch.Tensor, next_ids: torch.Tensor,
+                    sb: SamplingBatch) -> list[StepLogprobs | None]:
+    """Logprobs of the chosen tokens for the requests that asked, as SGLang reports them:
+    of the distribution sampled from (processed logits at the request's temperature; the
+    raw scale for greedy requests), before top-k/top-p/min-p filtering."""
+    rows = [i for i, r in enumerate(sb.reqs) if r.logprob_options is not None]
+    result: list[StepLogprobs | None] = [None] * len(sb.reqs)
+    if not rows:
+        return result
+    index = torch.tensor(rows)
+    temperatures = torch.where(sb.is_greedy[index, None], 1.0, sb.temperatures[index])
+    logprobs = torch.log_softmax(logits[index].float() / temperatures, dim=-1)
+    # Masked tokens would be -inf, which JSON cannot carry; SGLang clamps the same way.
+    logprobs.clamp_(min=torch.finfo(torch.float32).min)
+    steps = gather_step_logprobs(logprobs, next_ids[index],
+                                 [sb.reqs[i].logprob_options for i in rows])
+    for i, step in zip(rows, steps):
+        result[i] = step
+    return result
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

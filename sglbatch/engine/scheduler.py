@@ -15,9 +15,10 @@ from collections import deque
 
 import torch
 
-from sglbatch.engine.batch import Batch, ForwardMode
+from sglbatch.engine.batch import Batch, ForwardMode, StepResult
 from sglbatch.engine.config import EngineConfig
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
+from sglbatch.engine.logprobs import first_input_step
 from sglbatch.engine.policy import NewTokenRatio, order_waiting
 from sglbatch.engine.radix_cache import RadixCache
 from sglbatch.engine.request import FinishReason, Req
@@ -121,8 +122,12 @@ class Scheduler:
         req.req_pool_idx = row
         if self.cache is None:
             return True
-        # At least one token must be computed: its logits give the next token.
-        prefix, node = self.cache.match_prefix(req.fill_ids[:req.fill_len - 1])
+        # At least one token must be computed: its logits give the next token. Positions
+        # whose logits give input logprobs must be computed too.
+        limit = req.fill_len - 1
+        if req.next_input_logprob_position is not None:
+            limit = min(limit, req.next_input_logprob_position)
+        prefix, node = self.cache.match_prefix(req.fill_ids[:limit])
         self.cache.lock(node)
         self.req_to_token.table[row, :len(prefix)] = prefix
         req.kv_len = req.tree_len = len(prefix)
@@ -177,11 +182,13 @@ class Scheduler:
 
     # ---- after the forward pass ---------------------------------------------------------
 
-    def process_output(self, batch: Batch, next_token_ids: list[int]) -> list[Req]:
+    def process_output(self, batch: Batch, step: StepResult) -> list[Req]:
         """Record a step's results; returns the requests that received a new token."""
         updated = []
         for i, req in enumerate(batch.reqs):
             gets_token = batch.samples(i)
+            if step.input_logprobs[i] or req.next_input_logprob_position == 0:
+                self._record_input_logprobs(req, step.input_logprobs[i])
             req.kv_len += batch.extend_lens[i]
             if batch.mode == ForwardMode.EXTEND and self.cache is not None:
                 self._cache_computed_prefix(req)
@@ -190,10 +197,18 @@ class Scheduler:
                 continue
             if batch.mode == ForwardMode.EXTEND:
                 self.running.append(req)
-            req.output_ids.append(next_token_ids[i])
+            req.output_ids.append(step.next_ids[i])
+            if step.output_logprobs[i] is not None:
+                req.logprobs.output.append(step.output_logprobs[i])
             self._check_token_finish(req)
             updated.append(req)
         return updated
+
+    @staticmethod
+    def _record_input_logprobs(req: Req, steps: list) -> None:
+        if req.logprob_options.start + len(req.logprobs.input) == 0:
+            req.logprobs.input.append(first_input_step(req.input_ids[0]))
+        req.logprobs.input.extend(steps)
 
     def _cache_computed_prefix(self, req: Req) -> None:
         """Move a request's computed tokens into the cache so waiting requests can share them.
@@ -219,7 +234,10 @@ class Scheduler:
     def _check_token_finish(self, req: Req) -> None:
         params = req.sampling_params
         token = req.output_ids[-1]
-        if len(req.output_ids) >= params.max_new_tokens:
+        if req.grammar is not None and not req.grammar.accept(token):
+            # The mask only allows tokens the grammar accepts, so this is an engine bug.
+            req.finish_reason = FinishReason.abort(f"the grammar rejected token {token}")
+        elif len(req.output_ids) >= params.max_new_tokens:
             req.finish_reason = FinishReason.max_length(len(req.output_ids))
         elif (token in self.eos_token_ids and not params.ignore_eos) or \
                 token in params.stop_token_ids:

@@ -30,8 +30,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text)
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens,
+                              spaces_between_special_tokens=spaces_between_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         if not self.has_chat_template:
@@ -50,16 +52,19 @@ class IncrementalDetokenizer:
     U+FFFD means a multi-byte character is incomplete, so the new ids wait for the next token.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool,
+                 spaces_between_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.spaces_between_special_tokens = spaces_between_special_tokens
         self.ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self.tokenizer.decode(ids, self.skip_special_tokens,
+                                     self.spaces_between_special_tokens)
 
     def append(self, token_ids: list[int]) -> str:
         """Add output ids; return the text they completed (possibly empty)."""
