@@ -183,3 +183,22 @@ def test_unknown_engine_argument_is_named(smollm2_dir):
 
     with pytest.raises(ValueError, match="chunked_prefil_size"):
         Engine(model_path=str(smollm2_dir), chunked_prefil_size=8)
+
+
+def test_stop_token_text_follows_skip_special_tokens_and_no_stop_trim(engine):
+    chat = [{"role": "user", "content": "Say OK."}]
+    base = {"temperature": 0, "max_new_tokens": 40}
+    eos_text = engine.tokenizer.decode([engine.tokenizer.eos_token_id], skip_special_tokens=False)
+    default = engine.generate(messages=chat, sampling_params=base)
+    assert default["meta_info"]["finish_reason"] == {
+        "type": "stop", "matched": engine.tokenizer.eos_token_id}
+    assert default["output_ids"][-1] == engine.tokenizer.eos_token_id  # kept in the ids
+    shown = engine.generate(messages=chat, sampling_params={**base, "skip_special_tokens": False})
+    assert shown["text"] == default["text"]  # the matched stop token is trimmed from text
+    kept = engine.generate(messages=chat, sampling_params={
+        **base, "skip_special_tokens": False, "no_stop_trim": True})
+    assert kept["text"] == default["text"] + eos_text
+    streamed = "".join(c["text"] for c in engine.generate(
+        messages=chat, sampling_params={**base, "skip_special_tokens": False,
+                                        "no_stop_trim": True}, stream=True))
+    assert streamed == kept["text"]
