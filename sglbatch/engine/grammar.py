@@ -8,6 +8,7 @@ constrained and free requests share one batch.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections import OrderedDict
@@ -71,8 +72,14 @@ class Grammar:
     def accept(self, token_id: int) -> bool:
         return self.matcher.accept_token(token_id)
 
-    def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
-        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+@functools.cache
+def _batch_filler() -> Any:
+    """xgrammar's multi-threaded mask filler: 64 JSON rows take 5 ms a step on 2 threads
+    against 9.5 ms one by one. Its threads sleep between steps, so torch keeps the cores."""
+    import xgrammar as xgr
+
+    return xgr.BatchGrammarMatcher(max_threads=torch.get_num_threads())
 
 
 def apply_grammar_masks(logits: torch.Tensor, grammars: list[Grammar | None]) -> None:
@@ -83,6 +90,6 @@ def apply_grammar_masks(logits: torch.Tensor, grammars: list[Grammar | None]) ->
     if not rows:
         return
     bitmask = xgr.allocate_token_bitmask(len(grammars), logits.shape[-1])
-    for i in rows:
-        grammars[i].fill_mask(bitmask, i)
+    _batch_filler().batch_fill_next_token_bitmask(
+        [grammars[i].matcher for i in rows], bitmask, indices=rows)
     xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
