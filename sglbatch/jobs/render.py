@@ -8,7 +8,7 @@ import string
 from typing import Any
 
 from sglbatch.jobs.reader import Row
-from sglbatch.jobs.spec import JobSpec
+from sglbatch.jobs.spec import JOB_N_MESSAGE, JobSpec
 
 
 class RowError(ValueError):
@@ -73,7 +73,10 @@ def render_sampling(job: JobSpec, row: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(overrides, dict):
         raise RowError(f"sampling_column {job.sampling_column!r} must hold an object of "
                        f"sampling parameters, got {type(overrides).__name__}")
-    return {**params, **overrides}
+    params = {**params, **overrides}
+    if params.get("n", 1) != 1:
+        raise RowError(f"sampling_column {job.sampling_column!r}: {JOB_N_MESSAGE}")
+    return params
 
 
 def render_prompt(job: JobSpec, row: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import glob
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,7 +223,7 @@ def _job(src: _Source, raw: dict, base: Path, default_name: str) -> JobSpec:
         messages=_messages(src, raw),
         program=_program(src, raw, base),
         sampling=_dataclass_kwargs(src, raw, ("sampling",), SamplingParams,
-                                   lambda kw: SamplingParams(**kw).verify()) or {},
+                                   _verify_job_sampling) or {},
         sampling_column=_get(src, raw, ("sampling_column",), str),
         output=_output(src, raw, base),
         order=_choice(src, raw, ("order",), ("prefix", "input")) or "prefix",
@@ -384,7 +385,8 @@ def _program(src: _Source, raw: dict, base: Path) -> str | None:
 
 def _dataclass_kwargs(src: _Source, raw: dict, path: tuple, cls: type,
                       check: Callable[[dict], Any]) -> dict[str, Any] | None:
-    """A mapping of `cls` field names, each value of the field's type and passing `check`."""
+    """A mapping of `cls` field names, each value of the field's type, passing `check`
+    together (fields may constrain each other, e.g. min_new_tokens <= max_new_tokens)."""
     value = _get(src, raw, path, dict)
     if value is None:
         return None
@@ -393,12 +395,25 @@ def _dataclass_kwargs(src: _Source, raw: dict, path: tuple, cls: type,
     for key, item in value.items():
         annotation = str(fields[key].type)
         _check_type(src, path + (key,), item, _annotation_types(annotation), annotation)
-        try:
-            check({key: item})
-        except (TypeError, ValueError) as e:
-            raise src.error(path + (key,), str(e).removeprefix("sampling_params."),
-                            f"change or remove {_dotted(path + (key,))}") from None
+    try:
+        check(dict(value))
+    except (TypeError, ValueError) as e:
+        message = str(e).removeprefix("sampling_params.")
+        # Messages start with the field at fault; name it, else the whole mapping.
+        at_fault = next((k for k in value if re.match(rf"{re.escape(k)}\b", message)), None)
+        where = path + (at_fault,) if at_fault else path
+        raise src.error(where, message, f"change or remove {_dotted(where)}") from None
     return dict(value)
+
+
+# A job writes one record per row; n samples would need n records under one id.
+JOB_N_MESSAGE = "n must be 1 in a job (one record per row); to sample a row k times, repeat it"
+
+
+def _verify_job_sampling(kwargs: dict[str, Any]) -> None:
+    SamplingParams(**kwargs).verify()
+    if kwargs.get("n", 1) != 1:
+        raise ValueError(f"sampling_params.n: {JOB_N_MESSAGE}")
 
 
 def _annotation_types(annotation: str) -> tuple[type, ...]:

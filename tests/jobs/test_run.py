@@ -4,6 +4,8 @@ templates, bad rows, resume, and shards that together equal the unsharded run.""
 from __future__ import annotations
 
 import csv
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +105,7 @@ def test_bad_rows_become_error_records_and_the_rest_complete(engine, smollm2_dir
     good = [{"id": f"g{i}", "question": q["question"]} for i, q in enumerate(QUICKSTART_ROWS[:3])]
     lines = [good[0], {"id": "no-question", "prompt": "x"}, good[1],
              {"id": "too-long", "question": "word " * 9000}, good[2]]
-    data = b"".join(__import__("json").dumps(r).encode() + b"\n" for r in lines)
+    data = b"".join(json.dumps(r).encode() + b"\n" for r in lines)
     bad_utf8 = b'{"id": "latin1", "question": "caf\xe9"}\n'
     (tmp_path / "in.jsonl").write_bytes(data[:data.index(b"\n") + 1] + bad_utf8
                                         + data[data.index(b"\n") + 1:])
@@ -181,3 +183,27 @@ def test_merge_refuses_a_shortfall_and_leaves_the_output_alone(smollm2_dir, tmp_
         merge_jobs(str(job_file), 0, Console(stderr=True))
     assert read_output(out) == [{"id": "capital-fr", "index": 0, "text": "kept"}]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_per_row_constraints_and_their_errors(engine, smollm2_dir, tmp_path):
+    schema = json.dumps({"type": "object", "required": ["n"], "properties": {
+        "n": {"type": "integer", "minimum": 0, "maximum": 999}}})
+    rows = [{"id": "json", "question": "Give a number as JSON.",
+             "params": {"json_schema": schema}},
+            {"id": "digits", "question": "Pick a year.", "params": {"regex": r"\d{4}"}},
+            {"id": "bad-regex", "question": "x", "params": {"regex": "(unclosed"}},
+            {"id": "n2", "question": "x", "params": {"n": 2}}]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    job_file = write_job(
+        tmp_path / "job.yaml", smollm2_dir,
+        input={"path": str(tmp_path / "in.jsonl"), "id_column": "id"},
+        messages=[{"role": "user", "content": "{question}"}],
+        sampling={"temperature": 0, "max_new_tokens": 48},
+        sampling_column="params", output={"path": str(tmp_path / "out.jsonl")})
+    _, stats = _run(job_file, engine)
+    out = {r["id"]: r for r in read_output(tmp_path / "out.jsonl")}
+    assert isinstance(json.loads(out["json"]["text"])["n"], int)
+    assert re.fullmatch(r"\d{4}", out["digits"]["text"])
+    assert "sampling_params.regex: invalid regex" in out["bad-regex"]["error"]
+    assert "n must be 1" in out["n2"]["error"]
+    assert stats.errors == 2
