@@ -279,12 +279,9 @@ class Engine:
         self._add(leader)
 
     def _add(self, tracked: _Tracked) -> None:
-        req = tracked.req
-        if req.sampling_params.max_new_tokens == 0:
-            req.finish_reason = FinishReason.max_length(0)
-            self._finish(req)
-            return
-        self.scheduler.add_request(req)
+        # max_new_tokens=0 still runs the prefill, as SGLang: it caches the prompt (the
+        # frontend's cache_prefix) and yields input logprobs (its `select`).
+        self.scheduler.add_request(tracked.req)
 
     def _release_held(self, leader: Req) -> None:
         reason = leader.finish_reason

@@ -197,6 +197,9 @@ class Scheduler:
                 continue
             if batch.mode == ForwardMode.EXTEND:
                 self.running.append(req)
+            if req.sampling_params.max_new_tokens == 0:  # prefill only: cache, logprobs
+                req.finish_reason = FinishReason.max_length(0)
+                continue
             req.output_ids.append(step.next_ids[i])
             if step.output_logprobs[i] is not None:
                 req.logprobs.output.append(step.output_logprobs[i])

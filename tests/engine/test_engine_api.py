@@ -131,10 +131,17 @@ def test_abort_by_rid(engine):
     assert_pool_whole(engine)
 
 
-def test_max_new_tokens_zero_returns_at_once(engine):
-    out = engine.generate("Hello", {"max_new_tokens": 0})
+def test_max_new_tokens_zero_prefills_and_caches_the_prompt(engine):
+    prompt = "A prompt that is computed once and then served from the cache"
+    engine.flush_cache()
+    out = engine.generate(prompt, {"max_new_tokens": 0}, return_logprob=True,
+                          logprob_start_len=0)
     assert out["output_ids"] == [] and out["text"] == ""
     assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+    n = out["meta_info"]["prompt_tokens"]
+    assert len(out["meta_info"]["input_token_logprobs"]) == n  # SGLang's `select` needs these
+    again = engine.generate(prompt, {"max_new_tokens": 1})
+    assert again["meta_info"]["cached_tokens"] == n - 1
 
 
 @pytest.mark.parametrize("kwargs, field", [
