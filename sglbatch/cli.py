@@ -60,6 +60,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from sglbatch.server.launch import serve
+    from sglbatch.server.state import ServerArgs
+
+    server_args = ServerArgs(**{f.name: getattr(args, f.name)
+                                for f in dataclasses.fields(ServerArgs)})
+    serve(server_args, engine_kwargs(args))
+    return 0
+
+
 def _cmd_bench_offline(args: argparse.Namespace) -> int:
     from sglbatch.bench.offline import run
 
@@ -124,6 +134,34 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("jobs", help="the job file (YAML) the shards ran")
     merge.add_argument("--shards", type=int, required=True, help="n, the number of shards")
     merge.set_defaults(func=_cmd_merge)
+
+    serve = sub.add_parser(
+        "serve", help="serve the model over HTTP: SGLang's native API and the OpenAI API",
+        description="Load the model and serve SGLang's native API (/generate, /health, "
+                    "/metrics, ...) and the OpenAI API (/v1/chat/completions, /v1/completions, "
+                    "/v1/embeddings, /v1/files, /v1/batches) until SIGINT/SIGTERM, which let "
+                    "running requests finish. Prints the URL once it accepts connections.")
+    serve.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=30000, help="(default: 30000)")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route "
+                       "but /health")
+    serve.add_argument("--served-model-name", help="the model's name in the API "
+                       "(default: --model-path)")
+    serve.add_argument("--chat-template", help="a Jinja chat template (file or text) "
+                       "instead of the tokenizer's")
+    serve.add_argument("--tool-call-parser", default="qwen25",
+                       help="how tool calls in the output are written: qwen25 | llama3 "
+                            "(default: qwen25)")
+    serve.add_argument("--data-dir", default="sglbatch-data",
+                       help="where /v1/files and /v1/batches keep their files and state "
+                            "(default: ./sglbatch-data)")
+    serve.add_argument("--max-upload-mb", type=float, default=512.0,
+                       help="largest accepted file upload (default: 512)")
+    serve.add_argument("--is-embedding", action="store_true",
+                       help="serve an embedding model (/v1/embeddings, /encode), e.g. "
+                            "--model-path all-minilm-l6-v2")
+    add_engine_args(serve)
+    serve.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     offline = bench.add_parser(

@@ -24,6 +24,7 @@ from sglbatch.engine.model_runner import ModelRunner
 from sglbatch.engine.model_source import resolve_model_path
 from sglbatch.engine.request import FinishReason, Req, derive_seed
 from sglbatch.engine.scheduler import Scheduler
+from sglbatch.engine.stats import EngineStats
 from sglbatch.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop_string
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class _Tracked:
     stream: bool
     detok: IncrementalDetokenizer
     created: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
     sent_chars: int = 0
     sent_ids: int = 0
 
@@ -68,6 +70,7 @@ class Engine:
         self._held: dict[str, list[_Tracked]] = {}
         self._grammar_compiler: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
+        self.stats = EngineStats()
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stopped = False
         ready: queue.Queue[BaseException | None] = queue.Queue()
@@ -131,19 +134,36 @@ class Engine:
         if stream:
             return self._aiter_stream(results, inputs, is_batch)
         outputs: list[dict[str, Any] | None] = [None] * len(inputs)
-        while any(o is None for o in outputs):
-            i, out = await results.get()
-            outputs[i] = out
+        try:
+            while any(o is None for o in outputs):
+                i, out = await results.get()
+                outputs[i] = out
+        except asyncio.CancelledError:  # the caller gave up (e.g. its client disconnected)
+            self._abort_all(inputs)
+            raise
         return outputs if is_batch else outputs[0]
 
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
+
+    def abort_all(self) -> None:
+        for rid in list(self._tracked):  # a snapshot; list(dict) does not release the GIL
+            self.abort(rid)
 
     def flush_cache(self) -> bool:
         """Empty the prefix cache. As SGLang, refused (False) while requests are in flight."""
         result: queue.Queue[bool] = queue.Queue()
         self._inbox.put(("flush", result.put))
         return result.get()
+
+    def load(self) -> dict[str, float]:
+        """What the engine holds now (read from another thread: a snapshot, not exact)."""
+        scheduler, pool = self.scheduler, self.model_runner.kv_pool
+        used = pool.num_slots - pool.num_free
+        return {"num_running_reqs": len(scheduler.running) + bool(scheduler.chunked_req),
+                "num_queue_reqs": len(scheduler.waiting),
+                "num_used_tokens": used, "token_usage": used / pool.num_slots,
+                "max_total_num_tokens": pool.num_slots}
 
     def shutdown(self) -> None:
         if self._stopped:
@@ -315,6 +335,9 @@ class Engine:
     def _on_token(self, req: Req) -> None:
         self._release_held(req)
         tracked = self._tracked[req.rid]
+        if tracked.first_token_at is None:
+            tracked.first_token_at = time.perf_counter()
+            self.stats.on_first_token(tracked.first_token_at - tracked.created)
         if not tracked.needs_live_text:
             return  # detokenized once at finish
         delta = tracked.detok.append(_visible_ids(req, req.output_ids[-1:]))
@@ -341,6 +364,11 @@ class Engine:
                 not isinstance(req.finish_reason.matched, str):
             detok.flush()
         self._emit(tracked, visible_chars=len(detok.text))
+        ttft = None if tracked.first_token_at is None else tracked.first_token_at - tracked.created
+        self.stats.on_finish(
+            len(req.input_ids), req.cached_tokens, len(req.output_ids),
+            time.perf_counter() - tracked.created, ttft,
+            aborted=req.finish_reason is not None and req.finish_reason.kind == "abort")
 
     def _emit(self, tracked: _Tracked, visible_chars: int) -> None:
         req = tracked.req

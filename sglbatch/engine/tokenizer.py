@@ -35,11 +35,21 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens,
                               spaces_between_special_tokens=spaces_between_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        if not self.has_chat_template:
+    def apply_chat_template(self, messages: list[dict[str, Any]], chat_template: str | None = None,
+                            add_generation_prompt: bool = True, **template_kwargs: Any
+                            ) -> list[int]:
+        """Token ids of the rendered conversation; `chat_template` overrides the tokenizer's,
+        `template_kwargs` (e.g. tools=...) reach the template."""
+        if chat_template is None and not self.has_chat_template:
             raise ValueError("messages: this model's tokenizer has no chat template; "
-                             "pass a plain text prompt instead")
-        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                             "pass a plain text prompt instead (or serve with --chat-template)")
+        try:
+            text = self.hf.apply_chat_template(
+                messages, chat_template=chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=not add_generation_prompt, **template_kwargs)
+        except Exception as e:  # jinja raises its own errors for messages it cannot render
+            raise ValueError(f"messages: the chat template cannot render them: {e}") from None
         # The rendered template already contains any BOS token.
         return self.hf.encode(text, add_special_tokens=False)
 

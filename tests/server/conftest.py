@@ -1,0 +1,92 @@
+"""Real servers on loopback: `sglbatch serve` in a subprocess, driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+API_KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A running `sglbatch serve`; `url` is its base URL, `v1` the OpenAI base URL."""
+
+    proc: subprocess.Popen
+    url: str
+    log: Path
+    api_key: str | None
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(tmp_dir: Path, *args: str, api_key: str | None = None,
+                 timeout: float = 180) -> ServerProcess:
+    """Start a server and wait for its "serving ... at URL" line (the socket is bound)."""
+    port = free_port()
+    log = tmp_dir / f"server-{port}.log"
+    cmd = [sys.executable, "-m", "sglbatch", "serve", "--port", str(port),
+           "--data-dir", str(tmp_dir / "data"), *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if "sglbatch serving" in log.read_text():
+            return ServerProcess(proc, f"http://127.0.0.1:{port}", log, api_key)
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError(f"server did not start in {timeout}s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, smollm2_dir) -> Iterator[ServerProcess]:
+    """One generation server (the default model, fp32) for the session, with an API key."""
+    tmp = tmp_path_factory.mktemp("server")
+    srv = start_server(tmp, "--model-path", str(smollm2_dir), "--dtype", "float32",
+                       "--kv-cache-gb", "0.5", api_key=API_KEY)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    """The official OpenAI client pointed at the session server."""
+    import openai
+
+    return openai.OpenAI(base_url=server.v1, api_key=server.api_key, max_retries=0)
