@@ -62,6 +62,7 @@ def build_router(state: ServerState) -> APIRouter:
                 "is_generation": state.engine is not None, "preferred_sampling_params": None,
                 "weight_version": "default"}
 
+    @router.get("/server_info")  # what SGLang's RuntimeEndpoint calls
     @router.get("/get_server_info")
     async def server_info() -> dict[str, Any]:
         info: dict[str, Any] = {"version": sglbatch.__version__,
