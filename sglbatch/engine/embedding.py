@@ -165,9 +165,14 @@ class EmbeddingModel:
 
         self.model_name = str(model_path)
         model_dir = Path(model_path).expanduser()
-        if not model_dir.is_dir():  # an alias (a missing path gets the resolver's message)
-            from sglbatch.engine.model_source import resolve_model_path
+        if not model_dir.is_dir():
+            from sglbatch.engine.model_source import MODEL_ALIASES, resolve_model_path
 
+            if str(model_path).strip().lower() not in MODEL_ALIASES:  # a file is no BERT dir
+                raise FileNotFoundError(
+                    f"embedding model {str(model_path)!r} is no directory; give a "
+                    "sentence-transformers model directory or a built-in alias such as "
+                    "all-minilm-l6-v2")
             model_dir = resolve_model_path(str(model_path))
         self.model_dir = model_dir
         cfg = _read_json(model_dir / "config.json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -15,6 +16,57 @@ from sglbatch.server.openai_common import (finish_reason, matched_stop, new_id, 
 from sglbatch.server.protocol import ChatCompletionRequest
 from sglbatch.server.state import ServerState
 from sglbatch.server.streaming import await_or_abort, sse
+from sglbatch.server.tool_calls import (ConstrainedToolCallStream, ToolCallParser,
+                                        calls_from_constrained_output,
+                                        chat_template_supports_tools, get_tool_parser,
+                                        normalize_tool_choice, prepare_messages,
+                                        tool_choice_constraint)
+
+
+@dataclass
+class _ToolPlan:
+    """How a request with `tools` is rendered, constrained and parsed."""
+
+    tools: list[dict[str, Any]]
+    tool_choice: Any
+    parser: ToolCallParser
+
+    @property
+    def constrained(self) -> bool:  # "required" or a named function
+        return normalize_tool_choice(self.tools, self.tool_choice) not in ("auto", "none")
+
+    def message(self, text: str) -> tuple[dict[str, Any], bool]:
+        """The assistant message for `text`, and whether it holds tool calls."""
+        if self.constrained:
+            try:
+                calls = calls_from_constrained_output(text, self.tools, self.tool_choice)
+            except ValueError:  # cut short (max_tokens): the text is all there is
+                calls, text = [], text
+            else:
+                text = None
+        else:
+            text, calls = self.parser.parse(text, self.tools)
+            text = text or (None if calls else text)
+        return ({"role": "assistant", "content": text,
+                 "tool_calls": [c.to_dict() for c in calls] or None}, bool(calls))
+
+    def stream(self) -> Any:
+        if self.constrained:
+            return ConstrainedToolCallStream(self.tools, self.tool_choice)
+        return self.parser.stream(self.tools)
+
+
+def _tool_plan(state: ServerState, req: ChatCompletionRequest) -> _ToolPlan | None:
+    if not req.tools:
+        if req.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice: needs `tools`", "tool_choice")
+        return None
+    try:
+        if normalize_tool_choice(req.tools, req.tool_choice) == "none":
+            return None
+        return _ToolPlan(req.tools, req.tool_choice, get_tool_parser(state.args.tool_call_parser))
+    except ValueError as e:
+        raise bad_request(e) from None
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -50,18 +102,32 @@ def _structured(req: ChatCompletionRequest) -> dict[str, Any]:
     return {"json_schema": json.dumps(schema)}
 
 
-async def _start(state: ServerState, req: ChatCompletionRequest, stream: bool) -> Any:
+async def _start(state: ServerState, req: ChatCompletionRequest, plan: _ToolPlan | None,
+                 stream: bool) -> Any:
     engine = state.require_generation()
     state.check_model(req.model)
+    messages, template_kwargs = _messages(req), dict(req.chat_template_kwargs or {})
+    if plan is not None:
+        template = state.chat_template or engine.tokenizer.hf.chat_template
+        supports = chat_template_supports_tools(template)
+        messages = prepare_messages(messages, plan.tools, state.args.tool_call_parser, supports)
+        if supports:
+            template_kwargs["tools"] = plan.tools
     try:
         prompt_ids = engine.tokenizer.apply_chat_template(
-            _messages(req), chat_template=state.chat_template,
-            add_generation_prompt=not req.continue_final_message,
-            **(req.chat_template_kwargs or {}))
+            messages, chat_template=state.chat_template,
+            add_generation_prompt=not req.continue_final_message, **template_kwargs)
         params = sampling_params(req, resolve_max_tokens(
             req.max_completion_tokens if req.max_completion_tokens is not None
             else req.max_tokens, engine.model_runner.max_req_len, "max_tokens"))
         params.update(_structured(req))
+        if plan is not None and plan.constrained:
+            if any(k in params for k in ("json_schema", "regex", "ebnf")):
+                raise APIError(400, "tool_choice: a required or named tool call cannot be "
+                                    "combined with response_format, json_schema, regex or "
+                                    "ebnf", "tool_choice")
+            params["json_schema"] = tool_choice_constraint(plan.tools, plan.tool_choice,
+                                                           req.parallel_tool_calls)
         top = req.top_logprobs or 0
         if top and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
@@ -90,29 +156,49 @@ def _logprobs(meta: dict[str, Any], start: int = 0) -> dict[str, Any] | None:
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
                                  request: Request | None = None) -> dict[str, Any]:
-    work = _start(state, req, stream=False)
+    plan = _tool_plan(state, req)
+    work = _start(state, req, plan, stream=False)
     outputs = await (await_or_abort(request, work) if request else work)
-    choices = [{"index": i,
-                "message": {"role": "assistant", "content": out["text"], "tool_calls": None},
-                "logprobs": _logprobs(out["meta_info"]),
-                "finish_reason": finish_reason(out["meta_info"]),
-                "matched_stop": matched_stop(out["meta_info"])}
-               for i, out in enumerate(outputs)]
+    choices = []
+    for i, out in enumerate(outputs):
+        reason = finish_reason(out["meta_info"])
+        message = {"role": "assistant", "content": out["text"], "tool_calls": None}
+        if plan is not None:
+            message, called = plan.message(out["text"])
+            reason = "tool_calls" if called and reason == "stop" else reason
+        choices.append({"index": i, "message": message, "logprobs": _logprobs(out["meta_info"]),
+                        "finish_reason": reason, "matched_stop": matched_stop(out["meta_info"])})
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(),
             "model": state.model_name, "choices": choices, "usage": usage(outputs, req.n)}
 
 
 async def stream_chat_completion(state: ServerState,
                                  req: ChatCompletionRequest) -> AsyncIterator[str]:
-    deltas = await _start(state, req, stream=True)
-    return _chat_events(state, req, deltas)
+    plan = _tool_plan(state, req)
+    deltas = await _start(state, req, plan, stream=True)
+    return _chat_events(state, req, plan, deltas)
 
 
-async def _chat_events(state: ServerState, req: ChatCompletionRequest,
+async def _chat_events(state: ServerState, req: ChatCompletionRequest, plan: _ToolPlan | None,
                        deltas: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     chunk_id, created = new_id("chatcmpl"), now()
     options = req.stream_options
     finals: dict[int, dict[str, Any]] = {}
+    tool_streams = {i: plan.stream() for i in range(req.n)} if plan else {}
+
+    def content_delta(index: int, text: str, finished: bool) -> tuple[dict[str, Any], bool]:
+        """The delta for new text (tool calls split out), and whether calls were made."""
+        if plan is None:
+            return ({"content": text} if text else {}), False
+        parser = tool_streams[index]
+        text, calls = parser.feed(text)
+        if finished:
+            more_text, more_calls = parser.finish()
+            text, calls = text + more_text, calls + more_calls
+        delta: dict[str, Any] = {"content": text} if text else {}
+        if calls:
+            delta["tool_calls"] = [c.to_dict() for c in calls]
+        return delta, bool(parser.tool_calls)
 
     def chunk(index: int, delta: dict[str, Any], reason: str | None = None,
               logprobs: Any = None, meta: dict[str, Any] | None = None) -> str:
@@ -132,8 +218,10 @@ async def _chat_events(state: ServerState, req: ChatCompletionRequest,
         index, meta = delta.get("index", 0), delta["meta_info"]
         reason = finish_reason(meta)
         if delta["text"] or delta["output_ids"] or reason:
-            yield chunk(index, {"content": delta["text"]} if delta["text"] else {}, reason,
-                        _logprobs(meta), meta)
+            body, called = content_delta(index, delta["text"], reason is not None)
+            if called and reason == "stop":
+                reason = "tool_calls"
+            yield chunk(index, body, reason, _logprobs(meta), meta)
         if reason is not None:
             finals[index] = {"meta_info": meta}
     if options and options.include_usage:

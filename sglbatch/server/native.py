@@ -128,7 +128,7 @@ def build_router(state: ServerState) -> APIRouter:
                                 "`input_ids`", "text")
         try:
             vectors = await state.embed(inputs)
-            counts = [state.embedder.count_tokens([x])[0] for x in inputs]
+            counts = state.embedder.count_tokens(inputs, truncate=False)
         except ValueError as e:
             raise bad_request(e) from None
         out = [{"embedding": v, "meta_info": {"id": uuid.uuid4().hex, "prompt_tokens": n,

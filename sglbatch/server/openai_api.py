@@ -66,7 +66,7 @@ async def create_embeddings(state: ServerState, req: EmbeddingRequest) -> dict[s
                             "vectors only", "dimensions")
     try:
         vectors = await state.embed(inputs)
-        tokens = sum(embedder.count_tokens(inputs))
+        tokens = sum(embedder.count_tokens(inputs, truncate=False))
     except ValueError as e:
         raise bad_request(e) from None
     data = [{"object": "embedding", "index": i,

@@ -4,6 +4,7 @@ helpers for running engine calls from the event loop."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,4 +68,6 @@ class ServerState:
 
     async def embed(self, inputs: list) -> list[list[float]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.embed_executor, self.embedder.encode, inputs)
+        # Too long is an error, as OpenAI's API answers, not a silent truncation.
+        return await loop.run_in_executor(
+            self.embed_executor, functools.partial(self.embedder.encode, truncate=False), inputs)
