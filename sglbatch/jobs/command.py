@@ -71,25 +71,26 @@ def run_jobs(path: str, shard: tuple[int, int] | None, dry_run: bool, console: C
             _dry_run(job, console)
         return 0
     from sglbatch.engine.engine import Engine
+    from sglbatch.jobs.endpoint import EndpointClient, EndpointUnavailable
     from sglbatch.jobs.runner import JobRunner, TooManyErrors
 
     engine, engine_args = None, None
     try:
         for job in jobs:
-            # Consecutive jobs on one model share its engine; a job without one (endpoint)
-            # is refused by JobRunner with the reason.
+            # Consecutive jobs on one model share its engine; an endpoint job talks HTTP.
             if job.model is not None and job.model != engine_args:
                 if engine is not None:
                     engine.shutdown()
                 with console.status(f"loading {job.model['model_path']}..."):
                     engine = Engine(**job.model)
                 engine_args = job.model
-            runner = JobRunner(job, engine, shard, console)
+            target = EndpointClient(job.endpoint) if job.endpoint is not None else engine
+            runner = JobRunner(job, target, shard, console)
             output = runner.output_path
             with _log_to(output.with_name(output.name + ".log")):
                 try:
                     stats = runner.run()
-                except TooManyErrors as e:
+                except (TooManyErrors, EndpointUnavailable) as e:
                     console.print(f"[red]error:[/red] {e}")
                     return 1
             console.print(summary_table(job.name, stats, str(output)))

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
 
+from sglbatch.jobs.endpoint import EndpointClient
 from sglbatch.jobs.order import order_by_prefix
 from sglbatch.jobs.progress import JobProgress, JobStats
 from sglbatch.jobs.reader import Row, count_rows, iter_rows
@@ -31,16 +33,14 @@ class TooManyErrors(RuntimeError):
 @dataclass
 class _Prepared:
     row: Row
-    input_ids: list[int]
+    request: dict[str, Any]  # async_generate's input: input_ids, or prompt / messages
+    order_key: tuple  # token ids (in-process), else the text: shared prefixes sort together
     sampling: dict[str, Any]
 
 
 class JobRunner:
     def __init__(self, job: JobSpec, engine: Any, shard: tuple[int, int] | None = None,
                  console: Console | None = None):
-        if job.model is None:
-            raise ValueError(f"job {job.name}: only `model` jobs run in-process; `endpoint` "
-                             "jobs need the serving API (issue #6)")
         if job.program is not None:
             raise ValueError(f"job {job.name}: `program` jobs need the frontend language "
                              "(issue #7)")
@@ -75,8 +75,13 @@ class JobRunner:
         return self.stats
 
     def _prepare(self, row: Row) -> _Prepared:
-        tokenizer = self.engine.tokenizer
         request = render_input(self.job, row)
+        sampling = render_sampling(self.job, row.data)
+        if self.job.endpoint is not None:  # the server tokenizes
+            key = request if isinstance(request, str) else json.dumps(request)
+            kind = "prompt" if isinstance(request, str) else "messages"
+            return _Prepared(row, {kind: request}, tuple(key), sampling)
+        tokenizer = self.engine.tokenizer
         if isinstance(request, str):
             input_ids = tokenizer.encode(request)
         else:
@@ -84,7 +89,7 @@ class JobRunner:
                 input_ids = tokenizer.apply_chat_template(request)
             except Exception as e:  # a template that rejects these messages
                 raise RowError(f"messages: the chat template rejected them: {e}") from e
-        return _Prepared(row, input_ids, render_sampling(self.job, row.data))
+        return _Prepared(row, {"input_ids": input_ids}, tuple(input_ids), sampling)
 
     async def _run_window(self, rows: list[Row], writer: ResultWriter) -> None:
         prepared = []
@@ -94,13 +99,13 @@ class JobRunner:
             except RowError as e:
                 self._record_error(writer, row, str(e))
         if self.job.order == "prefix":
-            prepared = order_by_prefix(prepared, lambda p: p.input_ids)
+            prepared = order_by_prefix(prepared, lambda p: p.order_key)
         inflight = asyncio.Semaphore(self.job.max_inflight)
 
         async def one(p: _Prepared) -> None:
             async with inflight:
                 try:
-                    out = await self.engine.async_generate(input_ids=p.input_ids,
+                    out = await self.engine.async_generate(**p.request,
                                                            sampling_params=p.sampling)
                 except ValueError as e:  # bad sampling parameters, prompt too long, ...
                     self._record_error(writer, p.row, str(e))
@@ -109,7 +114,11 @@ class JobRunner:
 
         # Tasks are created in order and the semaphore is FIFO: requests reach the engine in
         # prefix order.
-        await asyncio.gather(*(one(p) for p in prepared))
+        try:
+            await asyncio.gather(*(one(p) for p in prepared))
+        finally:
+            if isinstance(self.engine, EndpointClient):  # its connections live in this loop
+                await self.engine.aclose()
 
     def _kept_columns(self, row: Row) -> dict[str, Any]:
         data = row.data or {}

@@ -1,4 +1,5 @@
-"""Real servers on loopback: `sglbatch serve` in a subprocess, driven over HTTP."""
+"""Real servers on loopback: `sglbatch serve` in a subprocess, driven over HTTP. The
+session-wide `server` and `client` fixtures live in tests/conftest.py (jobs tests use them too)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 API_KEY = "test-key"
 
@@ -72,21 +71,3 @@ def start_server(tmp_dir: Path, *args: str, api_key: str | None = None,
         time.sleep(0.2)
     proc.kill()
     raise TimeoutError(f"server did not start in {timeout}s:\n{log.read_text()}")
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, smollm2_dir) -> Iterator[ServerProcess]:
-    """One generation server (the default model, fp32) for the session, with an API key."""
-    tmp = tmp_path_factory.mktemp("server")
-    srv = start_server(tmp, "--model-path", str(smollm2_dir), "--dtype", "float32",
-                       "--kv-cache-gb", "0.5", api_key=API_KEY)
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="session")
-def client(server):
-    """The official OpenAI client pointed at the session server."""
-    import openai
-
-    return openai.OpenAI(base_url=server.v1, api_key=server.api_key, max_retries=0)

@@ -1,0 +1,114 @@
+"""A running server as a job's engine: `async_generate` over HTTP, with SGLang-shaped results.
+
+`api: native` posts prompts to SGLang's /generate (ours or SGLang's); `api: openai` posts
+prompts to /v1/completions and messages to /v1/chat/completions of any OpenAI-compatible
+server, with SGLang's sampling names mapped to OpenAI's (the rest travel as extra fields,
+which SGLang and sglbatch read). A 4xx answer is the row's fault and becomes its error
+record; a server that is down or failing (connection error, 5xx, 429) is retried, then stops
+the run, so the rows it could not finish stay unwritten and a resumed run sends them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import httpx
+
+from sglbatch.jobs.spec import EndpointSpec
+
+logger = logging.getLogger(__name__)
+
+_RETRIES = 4
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "sampling_seed": "seed",
+                 "min_new_tokens": "min_tokens"}
+
+
+class EndpointUnavailable(RuntimeError):
+    """The server could not be reached or kept failing; the run stops (resumable)."""
+
+
+class EndpointClient:
+    def __init__(self, spec: EndpointSpec, timeout: float = 3600):
+        self.spec = spec
+        headers = {}
+        if spec.api_key_env:
+            key = os.environ.get(spec.api_key_env)
+            if not key:
+                raise ValueError(f"endpoint.api_key_env: the environment variable "
+                                 f"{spec.api_key_env} is not set")
+            headers["Authorization"] = f"Bearer {key}"
+        self._headers = headers
+        self._timeout = timeout
+        self._client: httpx.AsyncClient | None = None
+
+    async def async_generate(self, prompt: str | None = None,
+                             messages: list[dict[str, Any]] | None = None,
+                             sampling_params: dict[str, Any] | None = None) -> dict[str, Any]:
+        params = dict(sampling_params or {})
+        if self.spec.api == "native":
+            if messages is not None:
+                raise ValueError("endpoint.api native takes prompts; use api: openai for "
+                                 "messages jobs")
+            body = await self._post("/generate", {"text": prompt, "sampling_params": params})
+            return body
+        openai_params = {_OPENAI_NAMES.get(k, k): v for k, v in params.items()}
+        if self.spec.model:
+            openai_params["model"] = self.spec.model
+        if messages is not None:
+            body = await self._post("/v1/chat/completions",
+                                    {"messages": messages, **openai_params})
+            text = body["choices"][0]["message"]["content"] or ""
+        else:
+            body = await self._post("/v1/completions", {"prompt": prompt, **openai_params})
+            text = body["choices"][0]["text"]
+        return {"text": text, "meta_info": _openai_meta(body)}
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self.spec.url.rstrip("/"),
+                                             headers=self._headers, timeout=self._timeout)
+        for attempt in range(_RETRIES + 1):
+            try:
+                response = await self._client.post(path, json=body)
+            except httpx.TransportError as e:
+                problem = f"{type(e).__name__}: {e}"
+            else:
+                if response.status_code == 200:
+                    return response.json()
+                if 400 <= response.status_code < 500 and response.status_code != 429:
+                    raise ValueError(f"{self.spec.url}{path} answered "
+                                     f"{response.status_code}: {_message(response)}")
+                problem = f"{response.status_code}: {_message(response)}"
+            if attempt < _RETRIES:
+                logger.warning("%s%s: %s; retrying (%d/%d)", self.spec.url, path, problem,
+                               attempt + 1, _RETRIES)
+                await asyncio.sleep(0.5 * 2 ** attempt)
+        raise EndpointUnavailable(f"{self.spec.url}{path}: {problem} (after {_RETRIES} "
+                                  "retries; start the server and run the job again: it "
+                                  "resumes)")
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error")
+        return error.get("message", str(error)) if isinstance(error, dict) else str(error)
+    except ValueError:
+        return response.text[:300]
+
+
+def _openai_meta(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI usage and finish reason in `meta_info`'s shape."""
+    usage = body.get("usage") or {}
+    details = usage.get("prompt_tokens_details") or {}
+    return {"id": body.get("id"), "finish_reason": {"type": body["choices"][0]["finish_reason"]},
+            "prompt_tokens": usage.get("prompt_tokens", 0),
+            "completion_tokens": usage.get("completion_tokens", 0),
+            "cached_tokens": details.get("cached_tokens") or 0}
