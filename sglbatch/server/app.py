@@ -7,7 +7,7 @@ import hmac
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from sglbatch.server import native, openai_api
+from sglbatch.server import batches, files, native, openai_api
 from sglbatch.server.errors import error_response, install_error_handlers
 from sglbatch.server.state import ServerState
 
@@ -15,7 +15,8 @@ _OPEN_ROUTES = {"/health"}  # load balancers probe it without credentials
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="sglbatch", summary="SGLang's native API and the OpenAI API")
+    app = FastAPI(title="sglbatch", summary="SGLang's native API and the OpenAI API",
+                  lifespan=batches.lifespan)  # starts/stops the BatchRunner
     app.state.sglbatch = state
     install_error_handlers(app)
 
@@ -34,4 +35,6 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.include_router(native.build_router(state))
     app.include_router(openai_api.build_router(state))
+    app.include_router(files.build_router(state))
+    app.include_router(batches.build_router(state))
     return app

@@ -58,6 +58,18 @@ class _Server(uvicorn.Server):
             print(f"sglbatch serving {self.state.model_name} at {url} "
                   f"(OpenAI API at {url}/v1)", flush=True)
 
+    async def shutdown(self, sockets: Any = None) -> None:
+        # After draining, uvicorn re-raises SIGTERM/SIGINT (the process dies inside
+        # asyncio.run), so the engine is stopped here rather than after serve() returns.
+        await super().shutdown(sockets)
+        _close(self.state)
+
+
+def _close(state: ServerState) -> None:
+    if state.engine is not None:
+        state.engine.shutdown()
+    state.embed_executor.shutdown(wait=False)
+
 
 def serve(args: ServerArgs, engine_kwargs: dict[str, Any]) -> None:
     state = load_state(args, engine_kwargs)
@@ -67,6 +79,4 @@ def serve(args: ServerArgs, engine_kwargs: dict[str, Any]) -> None:
     try:
         asyncio.run(_Server(config, state).serve())
     finally:
-        if state.engine is not None:
-            state.engine.shutdown()
-        state.embed_executor.shutdown(wait=False)
+        _close(state)  # idempotent; covers a failed start

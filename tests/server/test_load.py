@@ -93,7 +93,12 @@ def test_sigterm_lets_running_requests_finish(tmp_path, smollm2_dir):
 
     worker = threading.Thread(target=request)
     worker.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # SIGTERM only once the request is running
+        info = httpx.get(srv.url + "/get_server_info").json()
+        if info["internal_states"][0]["num_running_reqs"]:
+            break
+        time.sleep(0.05)
     # uvicorn re-raises the signal once drained, so the exit status is the signal's.
     assert srv.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     worker.join()
