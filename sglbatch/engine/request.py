@@ -82,6 +82,8 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if not self.stop_regex:  # SGLang's frontend sends an empty list on every gen
+            self.stop_regex = None
         if isinstance(self.json_schema, dict):  # SGLang takes a string; a dict means the same
             self.json_schema = json.dumps(self.json_schema)
 
