@@ -1,0 +1,211 @@
+"""`EngineBackend`: the frontend language over an in-process ``sglbatch.Engine``.
+
+No HTTP: each ``gen``/``select`` is an ``engine.generate`` call from the
+program's worker thread; the engine thread batches whatever all running
+programs have in flight, and its radix cache reuses their shared prefixes.
+The requests are the ones SGLang's ``RuntimeEndpoint`` sends to its server
+(same sampling parameters, the same prefill-only logprob requests for
+``select``), so programs behave the same against either backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+from sglbatch.lang.backend.base_backend import BaseBackend
+from sglbatch.lang.chat_template import get_chat_template, get_chat_template_for_tokenizer
+from sglbatch.lang.choices import ChoicesDecision, ChoicesSamplingMethod, token_length_normalized
+from sglbatch.lang.global_config import global_config
+from sglbatch.lang.interpreter import handle_dtype_to_regex
+from sglbatch.lang.ir import SglSamplingParams
+
+_LOGPROB_ARGS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
+                 "return_text_in_logprobs")
+
+_attach_lock = threading.Lock()
+
+
+def compute_normalized_prompt_logprobs(input_logprobs) -> float:
+    """The mean of the entries' logprobs, skipping None (as SGLang)."""
+    values = [x[0] for x in input_logprobs if x[0]]
+    return sum(values) / len(values) if values else 0.0
+
+
+class EngineBackend(BaseBackend):
+    """``EngineBackend(engine, chat_template_name=None)``."""
+
+    # sglbatch's engine serves text-only models.
+    supports_images = False
+
+    def __init__(self, engine: Any, chat_template_name: str | None = None):
+        super().__init__()
+        self.engine = engine
+        self.support_concate_and_append = False
+        if chat_template_name:
+            self.chat_template = get_chat_template(chat_template_name)
+        else:
+            self.chat_template = get_chat_template_for_tokenizer(
+                self.get_model_name(), getattr(engine.tokenizer, "hf", None)
+            )
+
+    @classmethod
+    def for_engine(cls, engine: Any) -> EngineBackend:
+        """The engine's backend, created on first use and reused after."""
+        with _attach_lock:
+            backend = getattr(engine, "_sglbatch_lang_backend", None)
+            if backend is None:
+                backend = cls(engine)
+                engine._sglbatch_lang_backend = backend
+            return backend
+
+    # ---- information ---------------------------------------------------------------
+
+    def get_model_name(self) -> str:
+        return str(self.engine.config.model_path)
+
+    def get_chat_template(self):
+        return self.chat_template
+
+    def flush_cache(self):
+        return self.engine.flush_cache()
+
+    def get_server_info(self) -> dict[str, Any]:
+        import dataclasses
+
+        try:
+            info = dataclasses.asdict(self.engine.config)
+        except TypeError:
+            info = dict(vars(self.engine.config))
+        info = {k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        with contextlib.suppress(Exception):  # the load snapshot is best-effort
+            info.update(self.engine.load())
+        return info
+
+    def shutdown(self):
+        self.engine.shutdown()
+
+    # ---- requests ------------------------------------------------------------------
+
+    def _prefill(self, text: str) -> dict[str, Any]:
+        """A prefill-only request: caches ``text`` in the radix cache."""
+        return self.engine.generate(prompt=text, sampling_params={"max_new_tokens": 0})
+
+    def cache_prefix(self, prefix_str: str):
+        if prefix_str:
+            self._prefill(prefix_str)
+
+    def commit_lazy_operations(self, s):
+        if s.text_:
+            self._prefill(s.text_)
+
+    def fill_image(self, s):
+        raise ValueError(f"the engine's model ({self.get_model_name()}) is text-only")
+
+    def _request(self, s, sampling_params: SglSamplingParams):
+        if s.images_:
+            self.fill_image(s)
+        handle_dtype_to_regex(sampling_params)
+        params = {
+            "skip_special_tokens": global_config.skip_special_tokens_in_output,
+            "spaces_between_special_tokens": global_config.spaces_between_special_tokens_in_out,
+            **sampling_params.to_srt_kwargs(),
+        }
+        # Empty lists mean "none"; the engine refuses a non-empty stop_regex.
+        for key in ("stop", "stop_token_ids", "stop_regex"):
+            if not params.get(key):
+                params.pop(key, None)
+        if isinstance(params.get("stop"), tuple):
+            params["stop"] = list(params["stop"])
+        extras = {}
+        for item in _LOGPROB_ARGS:
+            value = getattr(sampling_params, item, None)
+            if value is not None:
+                extras[item] = value
+        if not s.text_:
+            raise ValueError("gen: the program's text is empty; the model needs a prompt")
+        return params, extras
+
+    def generate(self, s, sampling_params: SglSamplingParams):
+        params, extras = self._request(s, sampling_params)
+        out = self.engine.generate(prompt=s.text_, sampling_params=params, **extras)
+        if isinstance(out, list):  # n > 1
+            return [o["text"] for o in out], [o["meta_info"] for o in out]
+        return out["text"], out["meta_info"]
+
+    def generate_stream(self, s, sampling_params: SglSamplingParams):
+        params, extras = self._request(s, sampling_params)
+        if params.get("n", 1) != 1:
+            raise ValueError("gen: streaming takes n=1")
+        for delta in self.engine.generate(prompt=s.text_, sampling_params=params,
+                                          stream=True, **extras):
+            yield delta["text"], delta["meta_info"]
+
+    def select(
+        self,
+        s,
+        choices: list[str],
+        temperature: float,
+        choices_method: ChoicesSamplingMethod | None = None,
+    ) -> ChoicesDecision:
+        if temperature > 1e-5:
+            raise ValueError("select: only temperature 0 is supported (as SGLang)")
+        if s.images_:
+            self.fill_image(s)
+        choices_method = choices_method or token_length_normalized
+        if not s.text_:
+            raise ValueError("select: the program's text is empty; the model needs a prompt")
+
+        # Cache the common prefix; its length places the logprob window.
+        prompt_len = self._prefill(s.text_)["meta_info"]["prompt_tokens"]
+        logprob_start_len = max(prompt_len - 2, 0)  # room for token healing
+
+        outs = self.engine.generate(
+            prompt=[s.text_ + c for c in choices],
+            sampling_params={"max_new_tokens": 0, "temperature": 0},
+            return_logprob=True,
+            return_text_in_logprobs=True,
+            logprob_start_len=logprob_start_len,
+        )
+        input_token_logprobs = [o["meta_info"]["input_token_logprobs"] for o in outs]
+        output_token_logprobs = [o["meta_info"]["output_token_logprobs"] for o in outs]
+        normalized_prompt_logprobs = [
+            compute_normalized_prompt_logprobs(lps) for lps in input_token_logprobs
+        ]
+
+        # As SGLang: drop the extra leading token when no token healing happened.
+        for i, lps in enumerate(input_token_logprobs):
+            healed_token_str = lps[0][-1]
+            if len(lps) > 1 and healed_token_str and s.text_.endswith(healed_token_str):
+                healed_logprob = lps[0][0] or 0.0
+                normalized_prompt_logprobs[i] = (
+                    normalized_prompt_logprobs[i] * len(lps) - healed_logprob
+                ) / (len(lps) - 1)
+                input_token_logprobs[i] = lps[1:]
+
+        unconditional_token_logprobs = None
+        if choices_method.requires_unconditional_logprobs:
+            input_ids = [[entry[1] for entry in lps] for lps in input_token_logprobs]
+            outs = self.engine.generate(
+                input_ids=input_ids,
+                sampling_params={"max_new_tokens": 0},
+                return_logprob=True,
+                logprob_start_len=0,
+            )
+            unconditional_token_logprobs = [o["meta_info"]["input_token_logprobs"] for o in outs]
+
+        return choices_method(
+            choices=choices,
+            normalized_prompt_logprobs=normalized_prompt_logprobs,
+            input_token_logprobs=input_token_logprobs,
+            output_token_logprobs=output_token_logprobs,
+            unconditional_token_logprobs=unconditional_token_logprobs,
+        )
+
+    def concatenate_and_append(self, src_rids: list[str], dst_rid: str):
+        raise NotImplementedError("the in-process engine cannot join KV caches; "
+                                  "fork joins append text instead")
+
+
+__all__ = ["EngineBackend", "compute_normalized_prompt_logprobs"]
