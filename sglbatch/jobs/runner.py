@@ -17,6 +17,7 @@ from rich.console import Console
 
 from sglbatch.jobs.endpoint import EndpointClient
 from sglbatch.jobs.order import order_by_prefix
+from sglbatch.jobs.program import ProgramEngine, program_backend
 from sglbatch.jobs.progress import JobProgress, JobStats
 from sglbatch.jobs.reader import Row, count_rows, iter_rows
 from sglbatch.jobs.render import RowError, render_input, render_sampling
@@ -42,8 +43,7 @@ class JobRunner:
     def __init__(self, job: JobSpec, engine: Any, shard: tuple[int, int] | None = None,
                  console: Console | None = None):
         if job.program is not None:
-            raise ValueError(f"job {job.name}: `program` jobs need the frontend language "
-                             "(issue #7)")
+            engine = ProgramEngine(job, program_backend(job, engine))
         self.job, self.engine, self.shard = job, engine, shard
         self.console = console or Console(stderr=True)
         self.output_path = shard_output_path(job.output.path, shard)
@@ -70,13 +70,22 @@ class JobRunner:
             except BaseException:
                 writer.close()  # what finished is committed; a rerun resumes from there
                 raise
+            finally:
+                if isinstance(self.engine, ProgramEngine):
+                    self.engine.close()
         writer.finalize()
         logger.info("job %s finished: %s", self.job.name, self.stats.as_dict())
         return self.stats
 
     def _prepare(self, row: Row) -> _Prepared:
-        request = render_input(self.job, row)
+        if row.error is not None:  # the reader could not read it
+            raise RowError(row.error)
         sampling = render_sampling(self.job, row.data)
+        if isinstance(self.engine, ProgramEngine):
+            arguments = self.engine.arguments(row.data)
+            key = json.dumps(arguments, sort_keys=True, default=str)
+            return _Prepared(row, {"arguments": arguments}, tuple(key), sampling)
+        request = render_input(self.job, row)
         if self.job.endpoint is not None:  # the server tokenizes
             key = request if isinstance(request, str) else json.dumps(request)
             kind = "prompt" if isinstance(request, str) else "messages"
@@ -129,8 +138,9 @@ class JobRunner:
         if meta.get("finish_reason", {}).get("type") == "abort":
             self._record_error(writer, row, f"aborted: {meta['finish_reason'].get('message')}")
             return
+        variables = {"variables": out["variables"]} if "variables" in out else {}
         writer.add({"id": row.id, "index": row.index, **self._kept_columns(row),
-                    "text": out["text"], "meta_info": meta})
+                    "text": out["text"], **variables, "meta_info": meta})
         s = self.stats
         s.rows += 1
         s.prompt_tokens += meta["prompt_tokens"]

@@ -19,6 +19,7 @@ from sglbatch.jobs.spec import load_jobs
 from sglbatch.jobs.writer import merge_outputs, shard_output_path
 from tests.jobs.helpers import (
     QUICKSTART_ROWS,
+    REPO,
     read_output,
     write_job,
     write_jsonl,
@@ -207,3 +208,40 @@ def test_per_row_constraints_and_their_errors(engine, smollm2_dir, tmp_path):
     assert "sampling_params.regex: invalid regex" in out["bad-regex"]["error"]
     assert "n must be 1" in out["n2"]["error"]
     assert stats.errors == 2
+
+
+def test_program_job_records_each_rows_variables(engine, smollm2_dir, tmp_path):
+    import sglbatch as sgl
+
+    rows = QUICKSTART_ROWS[:20]
+    job_file = write_job(
+        tmp_path / "job.yaml", smollm2_dir,
+        input={"path": str(write_jsonl(tmp_path / "in.jsonl", rows)), "id_column": "id"},
+        program=str(REPO / "jobs/programs/qa.py") + ":answer_and_rate",
+        sampling={"temperature": 0}, output={"path": str(tmp_path / "out.jsonl")})
+    job, stats = _run(job_file, engine)
+    out = {r["id"]: r for r in read_output(tmp_path / "out.jsonl")}
+    assert sorted(out) == sorted(r["id"] for r in rows) and stats.errors == 0
+    # The same program run directly gives the same variables.
+    from sglbatch.jobs.program import load_program
+
+    program = load_program(job.program)
+    for row in rows[:3]:
+        state = program.run(question=row["question"], temperature=0, backend=engine)
+        assert out[row["id"]]["variables"]["answer"] == state["answer"]
+        assert out[row["id"]]["variables"]["verdict"] == state["verdict"] in ("yes", "no")
+    assert all(r["meta_info"]["completion_tokens"] > 0 for r in out.values())
+    assert sgl.function  # the frontend is what ran them
+
+
+def test_program_job_row_errors(engine, smollm2_dir, tmp_path):
+    rows = [{"id": "ok", "question": "What is 2 + 2?"}, {"id": "no-question", "topic": "x"}]
+    job_file = write_job(
+        tmp_path / "job.yaml", smollm2_dir,
+        input={"path": str(write_jsonl(tmp_path / "in.jsonl", rows)), "id_column": "id"},
+        program=str(REPO / "jobs/programs/qa.py") + ":answer_and_rate",
+        output={"path": str(tmp_path / "out.jsonl")})
+    _, stats = _run(job_file, engine)
+    out = {r["id"]: r for r in read_output(tmp_path / "out.jsonl")}
+    assert "question" in out["no-question"]["error"] and "variables" in out["ok"]
+    assert stats.errors == 1
