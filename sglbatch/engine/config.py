@@ -24,8 +24,10 @@ class EngineConfig:
                 "bf16 instructions, else float32"})
     device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
     attention_backend: str = field(default="auto", metadata={
-        "help": "auto | cpu | torch. cpu: a C++ decode kernel compiled on first use "
-                "(needs g++); torch: plain torch ops. auto picks cpu on the CPU when the "
+        "help": "auto | cpu | torch | triton | flashinfer. cpu: a C++ decode kernel compiled "
+                "on first use (needs g++); torch: plain torch ops; triton: the kernels/ "
+                "package (CUDA); flashinfer: flashinfer-python (CUDA). auto picks flashinfer "
+                "on CUDA when installed, else triton, else torch; on the CPU, cpu when the "
                 "kernel builds, else torch"})
     context_length: int | None = field(default=None, metadata={
         "help": "override the model's maximum context length"})
@@ -48,6 +50,11 @@ class EngineConfig:
     schedule_conservativeness: float = field(default=1.0, metadata={
         "help": "scales how many future decode tokens admission reserves; higher admits "
                 "fewer requests but retracts less"})
+    cuda_graph_max_bs: int = field(default=160, metadata={
+        "help": "largest decode batch replayed from a captured CUDA graph (device cuda); "
+                "larger batches run eagerly"})
+    disable_cuda_graph: bool = field(default=False, metadata={
+        "help": "run decode steps eagerly on CUDA instead of replaying CUDA graphs"})
     enable_torch_compile: bool = field(default=False, metadata={
         "help": "fuse RMSNorm and SwiGLU with torch.compile (inductor; compiles on first use)"})
     enable_custom_logit_processor: bool = field(default=False, metadata={
@@ -59,12 +66,19 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         choices = {"dtype": ("auto", "float32", "bfloat16", "float16"),
-                   "device": ("cpu", "cuda"), "attention_backend": ("auto", "cpu", "torch"),
+                   "device": ("cpu", "cuda"),
+                   "attention_backend": ("auto", "cpu", "torch", "triton", "flashinfer"),
                    "schedule_policy": ("lpm", "fcfs", "lof", "random")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
-        positive = ["max_running_requests", "max_prefill_tokens"]
+        if self.attention_backend == "cpu" and self.device != "cpu":
+            raise ValueError("attention_backend='cpu' runs on device='cpu' only, "
+                             f"got device={self.device!r}")
+        if self.attention_backend == "flashinfer" and self.device != "cuda":
+            raise ValueError("attention_backend='flashinfer' needs device='cuda', "
+                             f"got device={self.device!r}")
+        positive = ["max_running_requests", "max_prefill_tokens", "cuda_graph_max_bs"]
         positive += [n for n in ("context_length", "max_total_tokens", "num_threads")
                      if getattr(self, n) is not None]
         for name in positive:

@@ -92,4 +92,5 @@ def apply_grammar_masks(logits: torch.Tensor, grammars: list[Grammar | None]) ->
     bitmask = xgr.allocate_token_bitmask(len(grammars), logits.shape[-1])
     _batch_filler().batch_fill_next_token_bitmask(
         [grammars[i].matcher for i in rows], bitmask, indices=rows)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    # xgrammar fills the mask on the CPU; on a GPU it is applied there (its own kernel).
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

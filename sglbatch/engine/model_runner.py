@@ -11,6 +11,7 @@ import torch
 from sglbatch.engine.attention import create_attention_backend
 from sglbatch.engine.batch import Batch, ForwardBatch, ForwardMode, StepResult
 from sglbatch.engine.config import EngineConfig, ModelConfig
+from sglbatch.engine.cuda_graph import CudaGraphRunner
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
 from sglbatch.engine.layers.compile import compile_elementwise
 from sglbatch.engine.layers.linear import pack_linears
@@ -18,10 +19,13 @@ from sglbatch.engine.loader import load_weights
 from sglbatch.engine.models import create_model
 from sglbatch.engine.logprobs import StepLogprobs, gather_step_logprobs
 from sglbatch.engine.sampler import SamplingBatch, output_logprobs, process_logits, sample
+from sglbatch.engine.trace import trace_range
 
 logger = logging.getLogger(__name__)
 
 _LOGPROB_ROWS = 512
+_FORWARD_RANGES = {ForwardMode.EXTEND: "sglbatch.forward_extend",
+                   ForwardMode.DECODE: "sglbatch.forward_decode"}
 
 
 class ModelRunner:
@@ -55,9 +59,21 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(
             config.attention_backend, config.device, self.kv_pool, mc.num_attention_heads,
             mc.num_key_value_heads, mc.head_dim)
+        self.cuda_graph = self._capture_cuda_graphs()
         logger.info("model %s: %s, %d layers, dtype %s; KV pool %d tokens (%.2f GiB)",
                     model_dir.name, mc.architecture, mc.num_hidden_layers, self.dtype,
                     num_slots, num_slots * per_token / (1 << 30))
+
+    def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
+        if self.device.type != "cuda" or self.config.disable_cuda_graph:
+            return None
+        if not self.attn_backend.supports_cuda_graph:
+            logger.info("attention backend %s cannot be captured: decode runs without CUDA "
+                        "graphs", type(self.attn_backend).__name__)
+            return None
+        max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
+        return CudaGraphRunner(self.model, self.attn_backend, self.req_to_token_pool.table,
+                               max_bs)
 
     @property
     def max_req_len(self) -> int:
@@ -94,26 +110,34 @@ class ModelRunner:
     def forward(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
         """Logits [batch, vocab] at each request's last new token, or [tokens, vocab] for
         every new token with `all_logits`, in the model's dtype."""
-        fb, hidden = self._hidden_states(batch)
-        if not all_logits:
-            hidden = hidden[fb.last_token_indices]
-        return self.model.compute_logits(hidden)
+        with trace_range(_FORWARD_RANGES[batch.mode]):
+            fb, hidden = self._hidden_states(batch)
+            if not all_logits:
+                hidden = hidden[fb.last_token_indices]
+            return self.model.compute_logits(hidden)
 
     def _hidden_states(self, batch: Batch) -> tuple[ForwardBatch, torch.Tensor]:
         fb = self.build_forward_batch(batch)
+        if self.cuda_graph is not None and self.cuda_graph.can_run(fb):
+            return fb, self.cuda_graph.replay(fb)
         self.attn_backend.init_forward_metadata(fb)
         return fb, self.model(fb.input_ids, fb.positions, fb, self.attn_backend)
 
     @torch.inference_mode()
     def forward_and_sample(self, batch: Batch) -> StepResult:
-        fb, hidden = self._hidden_states(batch)
-        logits = self.model.compute_logits(hidden[fb.last_token_indices])
-        sb = SamplingBatch.from_reqs(batch.reqs, logits.shape[-1],
-                                     self.model_config.eos_token_ids)
-        logits = process_logits(logits, sb)
-        next_ids = sample(logits, sb)
-        return StepResult(next_ids.tolist(), output_logprobs(logits, next_ids, sb),
-                          self._input_logprobs(batch, fb, hidden))
+        with trace_range(_FORWARD_RANGES[batch.mode]):
+            fb, hidden = self._hidden_states(batch)
+            logits = self.model.compute_logits(hidden[fb.last_token_indices])
+        with trace_range("sglbatch.sample"):
+            sb = SamplingBatch.from_reqs(batch.reqs, logits.shape[-1],
+                                         self.model_config.eos_token_ids, logits.device)
+            logits = process_logits(logits, sb)
+            next_ids = sample(logits, sb)
+            step_logprobs = output_logprobs(logits, next_ids, sb)
+            next_ids = next_ids.tolist()
+        with trace_range("sglbatch.input_logprobs"):
+            input_logprobs = self._input_logprobs(batch, fb, hidden)
+        return StepResult(next_ids, step_logprobs, input_logprobs)
 
     def _input_logprobs(self, batch: Batch, fb: ForwardBatch,
                         hidden: torch.Tensor) -> list[list[StepLogprobs]]:
@@ -133,7 +157,7 @@ class ModelRunner:
             sel = slice(piece, piece + _LOGPROB_ROWS)
             logits = self.model.compute_logits(hidden[torch.tensor(rows[sel])]).float()
             steps = gather_step_logprobs(torch.log_softmax(logits, dim=-1),
-                                         torch.tensor(targets[sel]),
+                                         torch.tensor(targets[sel], device=self.device),
                                          [batch.reqs[i].logprob_options for i in owners[sel]])
             for owner, step in zip(owners[sel], steps):
                 result[owner].append(step)

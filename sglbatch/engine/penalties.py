@@ -20,7 +20,8 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req], eos_token_ids: set[in
     """Adjust fp32 `logits` [batch, vocab] in place for the requests that ask for it."""
     rows = [i for i, r in enumerate(reqs) if r.sampling_params.has_penalties]
     if rows:
-        _apply_token_penalties(logits, [reqs[i] for i in rows], torch.tensor(rows))
+        _apply_token_penalties(logits, [reqs[i] for i in rows],
+                               torch.tensor(rows, device=logits.device))
     for i, req in enumerate(reqs):
         params = req.sampling_params
         if len(req.output_ids) < params.min_new_tokens:
@@ -29,22 +30,26 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req], eos_token_ids: set[in
 
 
 def _apply_token_penalties(logits: torch.Tensor, reqs: list[Req], rows: torch.Tensor) -> None:
-    vocab = logits.shape[-1]
+    vocab, device = logits.shape[-1], logits.device
     params = [r.sampling_params for r in reqs]
     sub = logits[rows]
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=device)[:, None]
+
     if any(p.frequency_penalty or p.presence_penalty for p in params):
-        counts = _token_counts([r.output_ids for r in reqs], vocab)
-        frequency = torch.tensor([p.frequency_penalty for p in params])[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params])[:, None]
+        counts = _token_counts([r.output_ids for r in reqs], vocab).to(device)
+        frequency = column([p.frequency_penalty for p in params])
+        presence = column([p.presence_penalty for p in params])
         sub -= frequency * counts + presence * (counts > 0)
     if any(p.repetition_penalty != 1.0 for p in params):
-        seen = _token_counts([r.fill_ids for r in reqs], vocab) > 0
-        penalty = torch.tensor([p.repetition_penalty for p in params])[:, None]
+        seen = _token_counts([r.fill_ids for r in reqs], vocab).to(device) > 0
+        penalty = column([p.repetition_penalty for p in params])
         sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
     for row, p in enumerate(params):
         if p.logit_bias:
             ids = list(p.logit_bias)
-            sub[row, ids] += torch.tensor(list(p.logit_bias.values()))
+            sub[row, ids] += torch.tensor(list(p.logit_bias.values()), device=device)
     logits[rows] = sub
 
 

@@ -30,7 +30,7 @@ def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) ->
     Counter-based rather than a stateful generator, so a request's samples do not depend on
     which other requests share its batch, or on being retracted and recomputed.
     """
-    token = torch.arange(vocab_size, dtype=torch.int64)
+    token = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
     key = _mix((seeds & _MASK62) * 0x2545F491 + steps)
     h = _mix((key[:, None] + token[None, :] * 0x9E3779B1) & _MASK62)
     return ((h >> 38).to(torch.float64) + 0.5) / float(1 << 24)
@@ -55,20 +55,26 @@ class SamplingBatch:
 
     @classmethod
     def from_reqs(cls, reqs: list[Req], vocab_size: int,
-                  eos_token_ids: set[int] = frozenset()) -> SamplingBatch:
+                  eos_token_ids: set[int] = frozenset(),
+                  device: str | torch.device = "cpu") -> SamplingBatch:
+        """`device`: where the logits live; the parameter tensors go there."""
         params = [r.sampling_params for r in reqs]
         greedy = [p.is_greedy for p in params]
         top_ks = [vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params]
         need_sort = any(not g and (p.top_p < 1.0 or k < vocab_size or p.min_p > 0)
                         for g, p, k in zip(greedy, params, top_ks))
+
+        def tensor(values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
         return cls(
-            temperatures=torch.tensor([[max(p.temperature, 1e-6)] for p in params]),
-            top_ps=torch.tensor([p.top_p for p in params]),
-            top_ks=torch.tensor(top_ks),
-            min_ps=torch.tensor([p.min_p for p in params]),
-            seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64),
-            steps=torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64),
-            is_greedy=torch.tensor(greedy),
+            temperatures=tensor([[max(p.temperature, 1e-6)] for p in params]),
+            top_ps=tensor([p.top_p for p in params]),
+            top_ks=tensor(top_ks),
+            min_ps=tensor([p.min_p for p in params]),
+            seeds=tensor([r.seed for r in reqs], torch.int64),
+            steps=tensor([len(r.output_ids) for r in reqs], torch.int64),
+            is_greedy=tensor(greedy),
             all_greedy=all(greedy),
             need_sort=need_sort,
             reqs=reqs,
@@ -115,7 +121,7 @@ def output_logprobs(logits: torch.Tensor, next_ids: torch.Tensor,
     result: list[StepLogprobs | None] = [None] * len(sb.reqs)
     if not rows:
         return result
-    index = torch.tensor(rows)
+    index = torch.tensor(rows, device=logits.device)
     temperatures = torch.where(sb.is_greedy[index, None], 1.0, sb.temperatures[index])
     logprobs = torch.log_softmax(logits[index].float() / temperatures, dim=-1)
     # Masked tokens would be -inf, which JSON cannot carry; SGLang clamps the same way.
@@ -136,7 +142,7 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def _filter_top_k_top_p_min_p(probs: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    rank = torch.arange(probs.shape[-1])[None, :]
+    rank = torch.arange(probs.shape[-1], device=probs.device)[None, :]
     drop = rank >= sb.top_ks[:, None]
     # Keep the smallest head whose mass reaches top_p (the token crossing the line stays).
     drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) > sb.top_ps[:, None]

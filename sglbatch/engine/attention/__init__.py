@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
+import torch
+
 from sglbatch.engine.attention import cpu_kernels
 from sglbatch.engine.attention.base import AttentionBackend
 from sglbatch.engine.kv_pool import KVPool
 
-SUPPORTED_BACKENDS = ("cpu", "torch")
+SUPPORTED_BACKENDS = ("cpu", "torch", "triton", "flashinfer")
 
 
-def resolve_backend_name(name: str, device: str) -> str:
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_backend_name(name: str, device: str, dtype: torch.dtype | None = None) -> str:
     if name == "auto":
-        # The GPU backends (triton, flashinfer) plug in here.
+        if device == "cuda":
+            # FlashInfer's kernels take 16-bit K/V only.
+            if _installed("flashinfer") and dtype != torch.float32:
+                return "flashinfer"
+            return "triton" if _installed("triton") else "torch"
         return "cpu" if device == "cpu" and cpu_kernels.load() is not None else "torch"
     if name not in SUPPORTED_BACKENDS:
         raise ValueError(f"attention_backend={name!r} is not one of {['auto', *SUPPORTED_BACKENDS]}")
@@ -20,13 +33,30 @@ def resolve_backend_name(name: str, device: str) -> str:
 
 def create_attention_backend(name: str, device: str, kv_pool: KVPool, num_heads: int,
                              num_kv_heads: int, head_dim: int) -> AttentionBackend:
-    name = resolve_backend_name(name, device)
+    name = resolve_backend_name(name, device, kv_pool.k_buffers[0].dtype)
+    args = (kv_pool, num_heads, num_kv_heads, head_dim)
     if name == "cpu":
         from sglbatch.engine.attention.cpu import CpuBackend
 
-        return CpuBackend(kv_pool, num_heads, num_kv_heads, head_dim)
+        return CpuBackend(*args)
     if name == "torch":
         from sglbatch.engine.attention.torch_native import TorchNativeBackend
 
-        return TorchNativeBackend(kv_pool, num_heads, num_kv_heads, head_dim)
+        return TorchNativeBackend(*args)
+    if name == "triton":
+        if not _installed("triton"):
+            raise ValueError("attention_backend='triton' needs the triton package "
+                             "(pip install 'sglbatch[gpu]' or pip install triton)")
+        if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            # Stock Triton compiles for GPUs only; its interpreter runs the kernels on CPU
+            # tensors (slowly: for tests).
+            raise ValueError("attention_backend='triton' on the CPU needs TRITON_INTERPRET=1 "
+                             "in the environment (Triton's interpreter, slow; for tests)")
+        from sglbatch.engine.attention.triton_backend import TritonBackend
+
+        return TritonBackend(*args)
+    if name == "flashinfer":
+        from sglbatch.engine.attention.flashinfer_backend import FlashInferBackend
+
+        return FlashInferBackend(*args)
     raise AssertionError(name)

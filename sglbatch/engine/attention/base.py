@@ -19,6 +19,9 @@ class AttentionBackend(ABC):
     within the new tokens.
     """
 
+    # Whether decode can be captured in a CUDA graph: see `init_forward_metadata_graph`.
+    supports_cuda_graph = False
+
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int):
         self.kv_pool = kv_pool
         self.num_heads = num_heads
@@ -28,6 +31,11 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def init_forward_metadata(self, fb: ForwardBatch) -> None: ...
+
+    def init_forward_metadata_graph(self, fb: ForwardBatch, seq_lens: torch.Tensor) -> None:
+        """Decode metadata for a CUDA graph: from device tensors only (no host work), with
+        `seq_lens` [batch] int32 a static buffer the graph runner refills before replays."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,

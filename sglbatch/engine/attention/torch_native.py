@@ -88,7 +88,9 @@ class TorchNativeBackend(AttentionBackend):
 
     def _suffix_metadata(self, fb: ForwardBatch, rows: torch.Tensor,
                          prefix_lens: list[int]) -> list[_Bucket]:
-        suffix_lens = torch.tensor([s - p for s, p in zip(fb.seq_lens_cpu, prefix_lens)])
+        device = rows.device
+        suffix_lens = torch.tensor([s - p for s, p in zip(fb.seq_lens_cpu, prefix_lens)],
+                                   device=device)
         padded = int(suffix_lens.max()) * len(suffix_lens)
         if len(suffix_lens) <= DECODE_BUCKET or \
                 padded * (1 - MAX_PADDING_WASTE) <= int(suffix_lens.sum()):
@@ -99,10 +101,11 @@ class TorchNativeBackend(AttentionBackend):
         for members in groups:
             lens = suffix_lens[members]
             max_len = int(lens.max())
-            cols = torch.tensor(prefix_lens)[members, None] + torch.arange(max_len)[None, :]
+            cols = (torch.tensor(prefix_lens, device=device)[members, None]
+                    + torch.arange(max_len, device=device)[None, :])
             # Padding columns read the row's last entry; the mask hides them.
             slots = rows[members].gather(1, cols.clamp(max=rows.shape[1] - 1))
-            pad = torch.arange(max_len)[None, :] >= lens[:, None]
+            pad = torch.arange(max_len, device=device)[None, :] >= lens[:, None]
             buckets.append(_Bucket(members, slots.reshape(-1), pad[None, :, None, :], max_len))
         return buckets
 

@@ -15,6 +15,7 @@ from sglbatch.engine.config import ModelConfig
 from sglbatch.engine.layers.activation import silu_and_mul
 from sglbatch.engine.layers.norm import RMSNorm
 from sglbatch.engine.layers.rotary import RotaryEmbedding
+from sglbatch.engine.trace import trace_range
 
 
 class LlamaAttention(nn.Module):
@@ -30,9 +31,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch,
                 attn: AttentionBackend) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(attn.forward(q, k, v.contiguous(), self.layer_id, fb))
+        with trace_range("sglbatch.attention"):
+            q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size],
+                                                  dim=-1)
+            q, k = self.rotary(positions, q, k)
+            with trace_range("sglbatch.attention_backend"):
+                out = attn.forward(q, k, v.contiguous(), self.layer_id, fb)
+            return self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):
@@ -43,7 +48,8 @@ class LlamaMLP(nn.Module):
         self.act = silu_and_mul  # swapped for a compiled one by layers.compile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        with trace_range("sglbatch.mlp"):
+            return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -53,11 +59,13 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.trace_name = f"sglbatch.layer.{layer_id}"
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch,
                 attn: AttentionBackend) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), fb, attn)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        with trace_range(self.trace_name):
+            hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), fb, attn)
+            return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
 class LlamaModel(nn.Module):
@@ -96,4 +104,5 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        with trace_range("sglbatch.logits"):
+            return self.lm_head(hidden)

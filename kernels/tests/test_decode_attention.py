@@ -1,0 +1,41 @@
+"""Decode attention (split-KV, GQA) against its torch reference over ragged batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.tests.ragged import DEVICE, HALF, ragged_batch, random_lens, tolerance
+
+# (context lengths before the decoded token, kv_heads, GQA group, head_dim, dtype, splits):
+# 8 splits over sequences of 1..301 tokens leaves some splits empty, which must be skipped.
+CASES = [
+    pytest.param([0], 1, 1, 64, torch.float32, 8, id="1req-empty-prefix"),
+    pytest.param([300, 0, 17], 2, 3, 128, torch.float32, 8, id="3req-gqa3-d128"),
+    pytest.param(random_lens(8, 0, 300, 1), 2, 3, 64, torch.float32, 4, id="8req-gqa3-d64"),
+    pytest.param(random_lens(5, 0, 300, 2), 2, 1, 128, torch.float32, 8, id="5req-mha-d128"),
+    pytest.param([299, 63, 64, 65], 1, 3, 64, torch.float32, 1, id="block-edges-1split"),
+    pytest.param(random_lens(4, 0, 300, 3), 2, 3, 64, HALF, 8, id="4req-16bit"),
+]
+
+
+@pytest.mark.parametrize("prefix_lens,kv_heads,group,head_dim,dtype,num_splits", CASES)
+def test_decode_attention_matches_reference(prefix_lens, kv_heads, group, head_dim, dtype,
+                                            num_splits):
+    from kernels.decode_attention import decode_attention, decode_attention_reference
+
+    batch = len(prefix_lens)
+    r = ragged_batch(prefix_lens, [1] * batch, kv_heads, head_dim, dtype, seed=batch)
+    q = torch.randn(batch, kv_heads * group, head_dim,
+                    generator=torch.Generator().manual_seed(0)).to(dtype).to(DEVICE)
+    seq_lens = r.prefix_lens + 1
+    args = (q, r.k_buf, r.v_buf, r.req_to_token, r.req_pool_indices, seq_lens, head_dim ** -0.5)
+    out = decode_attention(*args, num_splits)
+    torch.testing.assert_close(out, decode_attention_reference(*args), **tolerance(dtype))
+
+
+def test_num_splits_grow_with_context():
+    from kernels.decode_attention import MAX_NUM_SPLITS, num_splits_for
+
+    assert num_splits_for(1) == 1 and num_splits_for(300) == 2
+    assert num_splits_for(100_000) == MAX_NUM_SPLITS

@@ -1,0 +1,81 @@
+"""The FlashInfer backend (flashinfer-python, CUDA only), imported only when chosen.
+
+FlashInfer reads a paged cache through an index list per request. The pool is viewed as
+pages of one token in its "NHD" layout ([pages, page_size=1, kv_heads, head_dim]): a
+strided view of the head-major buffers, which FlashInfer accepts without a copy. New K/V
+are stored first, so both extend and decode attend each request's whole row of slots
+(extend with FlashInfer's causal mask, aligned to the end of the sequence).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sglbatch.engine.attention.base import AttentionBackend
+from sglbatch.engine.batch import ForwardBatch, ForwardMode
+
+WORKSPACE_BYTES = 128 << 20  # FlashInfer's scratch for split-KV partial results
+
+
+def _import_flashinfer():
+    try:
+        import flashinfer
+    except ImportError as e:
+        raise ValueError("attention_backend='flashinfer' needs flashinfer-python "
+                         "(pip install 'sglbatch[gpu]'); or use attention_backend='triton'"
+                         ) from e
+    return flashinfer
+
+
+class FlashInferBackend(AttentionBackend):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        flashinfer = _import_flashinfer()
+        device = self.kv_pool.k_buffers[0].device
+        if device.type != "cuda":
+            raise ValueError("attention_backend='flashinfer' needs device='cuda'")
+        if self.kv_pool.k_buffers[0].dtype == torch.float32:
+            raise ValueError("attention_backend='flashinfer' runs float16/bfloat16 only; use "
+                             "dtype='bfloat16' or attention_backend='triton'")
+        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD",
+            # Tensor cores pay off once several query heads share a kv head.
+            use_tensor_cores=self.num_heads // self.num_kv_heads >= 4)
+        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+
+    def _pages(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # [kv_heads, slots, dim] -> [slots, 1, kv_heads, dim], a view.
+        return (self.kv_pool.k_buffers[layer_id].transpose(0, 1).unsqueeze(1),
+                self.kv_pool.v_buffers[layer_id].transpose(0, 1).unsqueeze(1))
+
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
+        device = fb.req_to_token.device
+        seq_lens = torch.tensor(fb.seq_lens_cpu, dtype=torch.int32, device=device)
+        kv_indptr = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=device)
+        kv_indptr[1:] = torch.cumsum(seq_lens, 0)
+        rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]
+        used = torch.arange(rows.shape[1], device=device)[None, :] < seq_lens[:, None]
+        kv_indices = rows[used].to(torch.int32)
+        last_page_len = torch.ones_like(seq_lens)  # pages of one token are always full
+        dtype = self.kv_pool.k_buffers[0].dtype
+        # Heads, head_dim and page size positionally: their keyword names vary by version.
+        shape = (self.num_heads, self.num_kv_heads, self.head_dim, 1)
+        if fb.mode == ForwardMode.DECODE:
+            self._decode.plan(kv_indptr, kv_indices, last_page_len, *shape,
+                              q_data_type=dtype, kv_data_type=dtype)
+        else:
+            qo_indptr = torch.zeros_like(kv_indptr)
+            qo_indptr[1:] = torch.cumsum(fb.extend_lens.to(torch.int32), 0)
+            self._prefill.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, *shape,
+                               causal=True, q_data_type=dtype, kv_data_type=dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                fb: ForwardBatch) -> torch.Tensor:
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        self.kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        wrapper = self._decode if fb.mode == ForwardMode.DECODE else self._prefill
+        out = wrapper.run(q, self._pages(layer_id))
+        return out.reshape(-1, self.num_heads * self.head_dim)

@@ -1,0 +1,52 @@
+"""Which attention backend `auto` picks, and the errors for backends that cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sglbatch.engine import attention
+from sglbatch.engine.attention import cpu_kernels, create_attention_backend, resolve_backend_name
+from sglbatch.engine.config import EngineConfig
+from sglbatch.engine.kv_pool import KVPool
+
+
+@pytest.mark.parametrize("installed,expected", [
+    ({"flashinfer", "triton"}, "flashinfer"),
+    ({"triton"}, "triton"),
+    (set(), "torch"),
+])
+def test_auto_on_cuda_prefers_flashinfer_then_triton(monkeypatch, installed, expected):
+    monkeypatch.setattr(attention, "_installed", lambda module: module in installed)
+    assert resolve_backend_name("auto", "cuda", torch.bfloat16) == expected
+    # FlashInfer has no fp32 kernels.
+    assert resolve_backend_name("auto", "cuda", torch.float32) == \
+        ("triton" if "triton" in installed else "torch")
+
+
+def test_auto_on_cpu_is_unchanged():
+    expected = "cpu" if cpu_kernels.load() is not None else "torch"
+    assert resolve_backend_name("auto", "cpu") == expected
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"attention_backend": "flash"}, "attention_backend='flash' is not one of"),
+    ({"attention_backend": "flashinfer"}, "needs device='cuda'"),
+    ({"attention_backend": "cpu", "device": "cuda"}, "runs on device='cpu' only"),
+    ({"cuda_graph_max_bs": 0}, "cuda_graph_max_bs must be > 0"),
+])
+def test_config_refuses_backends_that_cannot_run(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**kwargs)
+
+
+def test_gpu_flag_defaults():
+    config = EngineConfig()
+    assert config.cuda_graph_max_bs == 160 and not config.disable_cuda_graph
+
+
+@pytest.mark.skipif(attention._installed("flashinfer"), reason="flashinfer is installed")
+def test_flashinfer_not_installed_is_a_clear_error():
+    pool = KVPool(4, 1, 1, 8, torch.float32)
+    with pytest.raises(ValueError, match="needs flashinfer-python"):
+        create_attention_backend("flashinfer", "cuda", pool, 1, 1, 8)
