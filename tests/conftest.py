@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# GSM8K for tests and benchmarks, read in place (never copied into the project).
+SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "gsm8k"
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from collections.abc import Iterator
@@ -116,3 +117,56 @@ def gsm8k_requests(tokenizer: Tokenizer, data_path: str | None, num_prompts: int
     test = load_gsm8k("test", data_path)[:num_prompts]
     return [BenchRequest(tokenizer.encode(prefix + question_prompt(row["question"])),
                          output_len, stop=tuple(STOP), ignore_eos=False) for row in test]
+
+
+def add_dataset_args(parser: argparse.ArgumentParser) -> None:
+    """The workload flags every benchmark shares (`bench offline`, `bench serving`)."""
+    parser.add_argument("--dataset-name", default="random", choices=DATASETS,
+                        help="workload (default: random)")
+    parser.add_argument("--dataset-path", help="gsm8k: folder with train.jsonl and test.jsonl "
+                        "(default: download from the public URL once)")
+    parser.add_argument("--num-prompts", type=int, default=128, help="(default: 128)")
+    parser.add_argument("--random-input-len", type=int, default=256, help="(default: 256)")
+    parser.add_argument("--random-output-len", type=int, default=128, help="(default: 128)")
+    parser.add_argument("--random-range-ratio", type=float, default=1.0,
+                        help="lengths are uniform in [len * ratio, len] (default: 1.0)")
+    parser.add_argument("--sharegpt-output-len", type=int,
+                        help="sharegpt: output length for every request (default: the "
+                             "conversation's reply length)")
+    parser.add_argument("--sharegpt-context-len", type=int, default=2048,
+                        help="sharegpt: skip conversations whose prompt + output exceed this "
+                             "(default: 2048)")
+    parser.add_argument("--gsp-num-groups", type=int, default=16, help="(default: 16)")
+    parser.add_argument("--gsp-prompts-per-group", type=int, default=16, help="(default: 16)")
+    parser.add_argument("--gsp-system-prompt-len", type=int, default=1024,
+                        help="shared prefix length in tokens (default: 1024)")
+    parser.add_argument("--gsp-question-len", type=int, default=64, help="(default: 64)")
+    parser.add_argument("--gsp-output-len", type=int, default=64, help="(default: 64)")
+    parser.add_argument("--num-shots", type=int, default=5, help="gsm8k: k-shot (default: 5)")
+    parser.add_argument("--gsm8k-output-len", type=int, default=256,
+                        help="gsm8k: max_new_tokens; outputs stop at \"Question\" "
+                             "(default: 256)")
+    parser.add_argument("--seed", type=int, default=1, help="(default: 1)")
+
+
+def dataset_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The workload flags of a run, for its result record."""
+    return {k: v for k, v in vars(args).items()
+            if k.split("_")[0] in ("dataset", "num", "random", "sharegpt", "gsp", "seed", "gsm8k")}
+
+
+def build_requests(args: argparse.Namespace, tokenizer: Tokenizer, vocab_size: int
+                   ) -> list[BenchRequest]:
+    """The workload `add_dataset_args` describes (random ids are drawn below `vocab_size`)."""
+    if args.dataset_name == "random":
+        return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
+                               args.random_range_ratio, vocab_size, args.seed)
+    if args.dataset_name == "generated-shared-prefix":
+        return generated_shared_prefix_requests(
+            args.gsp_num_groups, args.gsp_prompts_per_group, args.gsp_system_prompt_len,
+            args.gsp_question_len, args.gsp_output_len, vocab_size, args.seed)
+    if args.dataset_name == "sharegpt":
+        return sharegpt_requests(tokenizer, args.num_prompts, args.sharegpt_context_len,
+                                 args.sharegpt_output_len, args.seed)
+    return gsm8k_requests(tokenizer, args.dataset_path, args.num_prompts, args.num_shots,
+                          args.gsm8k_output_len)

@@ -15,32 +15,7 @@ from sglbatch.bench.datasets import BenchRequest
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset-name", default="random", choices=datasets.DATASETS,
-                        help="workload (default: random)")
-    parser.add_argument("--dataset-path", help="gsm8k: folder with train.jsonl and test.jsonl "
-                        "(default: download from the public URL once)")
-    parser.add_argument("--num-prompts", type=int, default=128, help="(default: 128)")
-    parser.add_argument("--random-input-len", type=int, default=256, help="(default: 256)")
-    parser.add_argument("--random-output-len", type=int, default=128, help="(default: 128)")
-    parser.add_argument("--random-range-ratio", type=float, default=1.0,
-                        help="lengths are uniform in [len * ratio, len] (default: 1.0)")
-    parser.add_argument("--sharegpt-output-len", type=int,
-                        help="sharegpt: output length for every request (default: the "
-                             "conversation's reply length)")
-    parser.add_argument("--sharegpt-context-len", type=int, default=2048,
-                        help="sharegpt: skip conversations whose prompt + output exceed this "
-                             "(default: 2048)")
-    parser.add_argument("--gsp-num-groups", type=int, default=16, help="(default: 16)")
-    parser.add_argument("--gsp-prompts-per-group", type=int, default=16, help="(default: 16)")
-    parser.add_argument("--gsp-system-prompt-len", type=int, default=1024,
-                        help="shared prefix length in tokens (default: 1024)")
-    parser.add_argument("--gsp-question-len", type=int, default=64, help="(default: 64)")
-    parser.add_argument("--gsp-output-len", type=int, default=64, help="(default: 64)")
-    parser.add_argument("--num-shots", type=int, default=5, help="gsm8k: k-shot (default: 5)")
-    parser.add_argument("--gsm8k-output-len", type=int, default=256,
-                        help="gsm8k: max_new_tokens; outputs stop at \"Question\" "
-                             "(default: 256)")
-    parser.add_argument("--seed", type=int, default=1, help="(default: 1)")
+    datasets.add_dataset_args(parser)
     parser.add_argument("--baseline", choices=["transformers", "llama-cpp"],
                         help="also run a peer on the same requests: transformers `generate` "
                              "(batched, left padding) or llama.cpp's Python API on the same "
@@ -52,21 +27,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_requests(args: argparse.Namespace, engine: Any) -> list[BenchRequest]:
-    vocab_size = engine.model_runner.model_config.vocab_size
-    if args.dataset_name == "random":
-        return datasets.random_requests(args.num_prompts, args.random_input_len,
-                                        args.random_output_len, args.random_range_ratio,
-                                        vocab_size, args.seed)
-    if args.dataset_name == "generated-shared-prefix":
-        return datasets.generated_shared_prefix_requests(
-            args.gsp_num_groups, args.gsp_prompts_per_group, args.gsp_system_prompt_len,
-            args.gsp_question_len, args.gsp_output_len, vocab_size, args.seed)
-    if args.dataset_name == "sharegpt":
-        return datasets.sharegpt_requests(engine.tokenizer, args.num_prompts,
-                                          args.sharegpt_context_len, args.sharegpt_output_len,
-                                          args.seed)
-    return datasets.gsm8k_requests(engine.tokenizer, args.dataset_path, args.num_prompts,
-                                   args.num_shots, args.gsm8k_output_len)
+    return datasets.build_requests(args, engine.tokenizer,
+                                   engine.model_runner.model_config.vocab_size)
 
 
 def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, float]:
@@ -109,9 +71,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
         flops_per_token = model_flops_per_token(engine.model_runner.model)
     # Measured with the engine's thread gone: two threads running torch at once slow each other.
     ceiling = decode_ceiling(flops_per_token, dtype)
-    dataset_args = {k: v for k, v in vars(args).items()
-                     if k.split("_")[0] in ("dataset", "num", "random", "sharegpt", "gsp", "seed",
-                                            "gsm8k")}
+    dataset_args = datasets.dataset_record(args)
     record: dict[str, Any] = {
         "backend": "sglbatch", **dataset_args, "dtype": str(dtype).removeprefix("torch."),
         "engine_args": engine_kwargs, **result, "compute_ceiling": ceiling,

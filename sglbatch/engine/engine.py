@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,10 +23,12 @@ from sglbatch.engine.inputs import RequestExtras, RequestInput, normalize_inputs
 from sglbatch.engine.logprobs import meta_info_fields
 from sglbatch.engine.model_runner import ModelRunner
 from sglbatch.engine.model_source import resolve_model_path
+from sglbatch.engine.profiler import ProfileSession
 from sglbatch.engine.request import FinishReason, Req, derive_seed
 from sglbatch.engine.scheduler import Scheduler
 from sglbatch.engine.stats import EngineStats
 from sglbatch.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop_string
+from sglbatch.engine.trace import trace_range
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class Engine:
         self.stats = EngineStats()
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stopped = False
+        self._profile: ProfileSession | None = None  # engine thread only
+        self._last_trace: Path | None = None
         ready: queue.Queue[BaseException | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, args=(model_dir, ready),
                                         name="sglbatch-engine", daemon=True)
@@ -155,6 +160,35 @@ class Engine:
         result: queue.Queue[bool] = queue.Queue()
         self._inbox.put(("flush", result.put))
         return result.get()
+
+    def start_profile(self, output_dir: str | None = None, num_steps: int | None = None,
+                      record_shapes: bool = False, with_stack: bool = False,
+                      activities: list[str] | None = None) -> Path:
+        """Start the torch profiler on the engine thread (as SGLang's /start_profile): its
+        forward passes and the `sglbatch.*` ranges are recorded until `stop_profile`, or
+        for `num_steps` engine steps. Returns the path the trace will be written to
+        (default dir: $SGLANG_TORCH_PROFILER_DIR, else the temp dir). ValueError if a
+        profile is already running or an argument is wrong."""
+        session = ProfileSession(output_dir, name="sglbatch-engine", num_steps=num_steps,
+                                 record_shapes=record_shapes, with_stack=with_stack,
+                                 activities=activities)
+        self._call_engine_thread("profile_start", session)
+        return session.trace_path
+
+    def stop_profile(self) -> Path:
+        """Stop the profiler and write its Chrome trace; returns the file's path.
+        ValueError if no profile is running."""
+        return self._call_engine_thread("profile_stop", None)
+
+    def _call_engine_thread(self, kind: str, payload: Any) -> Any:
+        if self._stopped:
+            raise RuntimeError("the engine has been shut down")
+        result: queue.Queue[tuple[bool, Any]] = queue.Queue()
+        self._inbox.put((kind, (payload, result.put)))
+        ok, value = result.get()
+        if not ok:
+            raise value
+        return value
 
     def load(self) -> dict[str, float]:
         """What the engine holds now (read from another thread: a snapshot, not exact)."""
@@ -266,6 +300,11 @@ class Engine:
                     self._finish(req)
         for req in self.scheduler.abort_all("engine shut down"):
             self._finish(req)
+        if self._profile is not None:  # shut down mid-profile: keep what was recorded
+            try:
+                self._stop_profile()
+            except Exception:
+                logger.exception("writing the profile at shutdown failed")
         self._stopped = True
 
     def _drain_inbox(self, block: bool) -> bool:
@@ -282,11 +321,37 @@ class Engine:
                 self._add_group(payload)
             elif kind == "flush":
                 payload(self.scheduler.flush_cache())
+            elif kind in ("profile_start", "profile_stop"):
+                self._profile_command(kind, *payload)
             elif kind == "abort":
                 req = self.scheduler.abort(payload, "aborted by the client") or \
                     self._abort_held(payload)
                 if req is not None:
                     self._finish(req)
+
+    def _profile_command(self, kind: str, session: ProfileSession | None,
+                         reply: Callable[[tuple[bool, Any]], None]) -> None:
+        try:
+            if kind == "profile_start":
+                if self._profile is not None:
+                    raise ValueError("a profile is already running (trace: "
+                                     f"{self._profile.trace_path}); stop it first")
+                session.start()
+                self._profile = session
+                reply((True, session.trace_path))
+                return
+            if self._profile is None:
+                last = f"; the last one was written to {self._last_trace}" \
+                    if self._last_trace else ""
+                raise ValueError(f"no profile is running: start one first{last}")
+            reply((True, self._stop_profile()))
+        except Exception as e:
+            reply((False, e))
+
+    def _stop_profile(self) -> Path:
+        session, self._profile = self._profile, None
+        self._last_trace = session.stop()
+        return self._last_trace
 
     def _add_group(self, group: list[_Tracked]) -> None:
         """Queue a prompt's first sample; its other samples wait for its prompt to be
@@ -323,14 +388,21 @@ class Engine:
 
     def step(self) -> None:
         """One scheduling step: run a batch, then hand out tokens and finished requests."""
-        batch = self.scheduler.schedule()
+        with trace_range("sglbatch.schedule"):
+            batch = self.scheduler.schedule()
         if batch is None:
             return
         result = self.model_runner.forward_and_sample(batch)
-        for req in self.scheduler.process_output(batch, result):
-            self._on_token(req)
-        for req in self.scheduler.release_finished():
-            self._finish(req)
+        with trace_range("sglbatch.process_output"):
+            for req in self.scheduler.process_output(batch, result):
+                self._on_token(req)
+            for req in self.scheduler.release_finished():
+                self._finish(req)
+        if self._profile is not None and self._profile.step():  # num_steps reached
+            try:
+                self._stop_profile()
+            except Exception:  # a failed export must not fail the requests
+                logger.exception("writing the profile failed")
 
     def _on_token(self, req: Req) -> None:
         self._release_held(req)

@@ -52,11 +52,12 @@ def question_prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-def reference_answer(answer: str) -> str:
-    return answer.split("####")[-1].strip().replace(",", "")
+INVALID = None
 
 
-def extract_answer(completion: str) -> str | None:
-    """The last number in the completion, as SGLang's benchmark takes it (None = invalid)."""
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", completion.replace(",", ""))
-    return numbers[-1] if numbers else None
+def answer_value(text: str) -> int | None:
+    """The last run of digits in `text`, commas dropped, as SGLang's GSM8K benchmark reads
+    both the reference answers and the model's (`\\d+`: no sign, no decimals). None when
+    there is no number (an invalid answer)."""
+    numbers = re.findall(r"\d+", text.replace(",", ""))
+    return int(numbers[-1]) if numbers else INVALID

@@ -1,5 +1,6 @@
 """SGLang's native HTTP API: /generate (SSE streams with cumulative text, as SGLang's own
-frontend reads them), model and server info, health, cache flush, abort, /encode."""
+frontend reads them), model and server info, health, cache flush, abort, /encode,
+/start_profile + /stop_profile (torch profiler traces of the engine thread)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,31 @@ def build_router(state: ServerState) -> APIRouter:
             return PlainTextResponse("Cache flushed.\n")
         raise APIError(400, "Cache not flushed: requests are in flight; retry when idle.")
 
+    @router.post("/start_profile")
+    async def start_profile(request: Request) -> Any:
+        import asyncio
+
+        body = await read_json_object(request) if await request.body() else {}
+        engine = state.require_generation()
+        kwargs = _start_profile_kwargs(body)
+        try:
+            path = await asyncio.to_thread(engine.start_profile, **kwargs)
+        except ValueError as e:  # already running, a bad argument or output_dir
+            raise APIError(400, str(e)) from None
+        return {"message": "Start profiling.", "trace_path": str(path),
+                "num_steps": kwargs.get("num_steps")}
+
+    @router.post("/stop_profile")
+    async def stop_profile() -> Any:
+        import asyncio
+
+        engine = state.require_generation()
+        try:
+            path = await asyncio.to_thread(engine.stop_profile)
+        except ValueError as e:  # none running
+            raise APIError(400, str(e)) from None
+        return {"message": "Stop profiling.", "trace_path": str(path)}
+
     @router.post("/abort_request")
     async def abort_request(request: Request) -> Response:
         body = await read_json_object(request)
@@ -150,6 +176,33 @@ def _generate_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     kwargs = {k: v for k, v in body.items() if k in _GENERATE_FIELDS and v is not None}
     if "text" in kwargs:
         kwargs["prompt"] = kwargs.pop("text")
+    return kwargs
+
+
+# SGLang's /start_profile fields: those served, and those accepted only when unset.
+_PROFILE_FIELDS = {"output_dir": str, "num_steps": int, "record_shapes": bool,
+                   "with_stack": bool, "activities": list}
+_PROFILE_UNSUPPORTED_WHEN_SET = {"start_step", "profile_by_stage", "merge_profiles"}
+_PROFILE_IGNORED = {"profile_id", "profile_prefix", "profile_stages"}
+
+
+def _start_profile_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(body) - set(_PROFILE_FIELDS) - _PROFILE_UNSUPPORTED_WHEN_SET - _PROFILE_IGNORED
+    if unknown:
+        raise APIError(400, f"start_profile: unknown field(s) {sorted(unknown)}; accepted: "
+                            f"{sorted(_PROFILE_FIELDS)}", min(unknown))
+    for name in _PROFILE_UNSUPPORTED_WHEN_SET:
+        if body.get(name):
+            raise APIError(400, f"start_profile: {name} is not supported by this server", name)
+    kwargs = {}
+    for name, kind in _PROFILE_FIELDS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise APIError(400, f"start_profile: {name} must be a {kind.__name__}, got "
+                                f"{value!r}", name)
+        kwargs[name] = value
     return kwargs
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from sglbatch.bench.datasets import random_requests
 from sglbatch.cli import main
+from tests.conftest import SHARED_GSM8K
 
 
 def test_random_requests_respect_lengths_and_seed():
@@ -52,9 +52,6 @@ def test_iter_json_array_stops_cleanly_at_a_truncated_record():
     assert [r["a"] for r in iter_json_array(io.StringIO(text), chunk_chars=64)] == list(range(100))
     cut = text[:text.index('{"a": 57')] + '{"a": 57, "s": "xx'
     assert [r["a"] for r in iter_json_array(io.StringIO(cut), chunk_chars=64)] == list(range(57))
-
-
-SHARED_GSM8K = Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "gsm8k"
 
 
 @pytest.mark.parametrize("dataset_args", [
