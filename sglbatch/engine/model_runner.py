@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from sglbatch.engine.attention import create_attention_backend
+from sglbatch.engine.attention import create_attention_backend, is_installed
 from sglbatch.engine.batch import Batch, ForwardBatch, ForwardMode, StepResult
 from sglbatch.engine.config import EngineConfig, ModelConfig
 from sglbatch.engine.cuda_graph import CudaGraphRunner
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
 from sglbatch.engine.layers.compile import compile_elementwise
 from sglbatch.engine.layers.linear import pack_linears
+from sglbatch.engine.layers.norm import use_fused_kernel
 from sglbatch.engine.loader import load_weights
 from sglbatch.engine.models import create_model
 from sglbatch.engine.logprobs import StepLogprobs, gather_step_logprobs
@@ -44,6 +45,8 @@ class ModelRunner:
         self.model.to(self.device).eval()
         if self.device.type == "cpu":
             pack_linears(self.model)
+        elif is_installed("triton"):
+            use_fused_kernel(self.model)  # residual add + RMSNorm in one kernel
         if config.enable_torch_compile:
             compile_elementwise(self.model)
 

@@ -17,7 +17,7 @@ from sglbatch.engine.kv_pool import KVPool
     (set(), "torch"),
 ])
 def test_auto_on_cuda_prefers_flashinfer_then_triton(monkeypatch, installed, expected):
-    monkeypatch.setattr(attention, "_installed", lambda module: module in installed)
+    monkeypatch.setattr(attention, "is_installed", lambda module: module in installed)
     assert resolve_backend_name("auto", "cuda", torch.bfloat16) == expected
     # FlashInfer has no fp32 kernels.
     assert resolve_backend_name("auto", "cuda", torch.float32) == \
@@ -45,8 +45,20 @@ def test_gpu_flag_defaults():
     assert config.cuda_graph_max_bs == 160 and not config.disable_cuda_graph
 
 
-@pytest.mark.skipif(attention._installed("flashinfer"), reason="flashinfer is installed")
+@pytest.mark.skipif(attention.is_installed("flashinfer"), reason="flashinfer is installed")
 def test_flashinfer_not_installed_is_a_clear_error():
     pool = KVPool(4, 1, 1, 8, torch.float32)
     with pytest.raises(ValueError, match="needs flashinfer-python"):
         create_attention_backend("flashinfer", "cuda", pool, 1, 1, 8)
+
+
+def test_flashinfer_pages_view_the_pool_without_a_copy():
+    from sglbatch.engine.attention.flashinfer_backend import one_token_pages
+
+    pool = KVPool(6, 1, 3, 8, torch.float32)
+    buf = pool.k_buffers[0]
+    buf.copy_(torch.randn(buf.shape))
+    pages = one_token_pages(buf)
+    assert pages.shape == (7, 1, 3, 8) and pages.data_ptr() == buf.data_ptr()
+    assert torch.equal(pages[:, 0], buf.transpose(0, 1))
+    assert pages.stride(0) % pages.stride(1) == 0  # page stride a multiple of token stride

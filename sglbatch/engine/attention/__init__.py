@@ -14,7 +14,8 @@ from sglbatch.engine.kv_pool import KVPool
 SUPPORTED_BACKENDS = ("cpu", "torch", "triton", "flashinfer")
 
 
-def _installed(module: str) -> bool:
+def is_installed(module: str) -> bool:
+    """Whether an optional package (triton, flashinfer) can be imported, without importing it."""
     return importlib.util.find_spec(module) is not None
 
 
@@ -22,9 +23,9 @@ def resolve_backend_name(name: str, device: str, dtype: torch.dtype | None = Non
     if name == "auto":
         if device == "cuda":
             # FlashInfer's kernels take 16-bit K/V only.
-            if _installed("flashinfer") and dtype != torch.float32:
+            if is_installed("flashinfer") and dtype != torch.float32:
                 return "flashinfer"
-            return "triton" if _installed("triton") else "torch"
+            return "triton" if is_installed("triton") else "torch"
         return "cpu" if device == "cpu" and cpu_kernels.load() is not None else "torch"
     if name not in SUPPORTED_BACKENDS:
         raise ValueError(f"attention_backend={name!r} is not one of {['auto', *SUPPORTED_BACKENDS]}")
@@ -44,7 +45,7 @@ def create_attention_backend(name: str, device: str, kv_pool: KVPool, num_heads:
 
         return TorchNativeBackend(*args)
     if name == "triton":
-        if not _installed("triton"):
+        if not is_installed("triton"):
             raise ValueError("attention_backend='triton' needs the triton package "
                              "(pip install 'sglbatch[gpu]' or pip install triton)")
         if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

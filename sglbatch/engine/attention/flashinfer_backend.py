@@ -27,6 +27,15 @@ def _import_flashinfer():
     return flashinfer
 
 
+def one_token_pages(buf: torch.Tensor) -> torch.Tensor:
+    """A pool buffer [kv_heads, slots, dim] as FlashInfer's NHD pages of one token,
+    [slots, 1, kv_heads, dim], without a copy. The size-1 axis gets the page stride:
+    FlashInfer's Hopper prefill turns page strides into token offsets assuming one divides
+    the other (flashinfer#702), which a plain unsqueeze would not give."""
+    heads, slots, dim = buf.shape
+    return buf.as_strided((slots, 1, heads, dim), (dim, dim, buf.stride(0), 1))
+
+
 class FlashInferBackend(AttentionBackend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -45,9 +54,8 @@ class FlashInferBackend(AttentionBackend):
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
 
     def _pages(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # [kv_heads, slots, dim] -> [slots, 1, kv_heads, dim], a view.
-        return (self.kv_pool.k_buffers[layer_id].transpose(0, 1).unsqueeze(1),
-                self.kv_pool.v_buffers[layer_id].transpose(0, 1).unsqueeze(1))
+        return (one_token_pages(self.kv_pool.k_buffers[layer_id]),
+                one_token_pages(self.kv_pool.v_buffers[layer_id]))
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         device = fb.req_to_token.device

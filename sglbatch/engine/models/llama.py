@@ -61,11 +61,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.trace_name = f"sglbatch.layer.{layer_id}"
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch,
-                attn: AttentionBackend) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None, fb: ForwardBatch,
+                attn: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it). The residual add of
+        each sublayer is done by the next norm, which can fuse it (layers.norm)."""
         with trace_range(self.trace_name):
-            hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), fb, attn)
-            return hidden + self.mlp(self.post_attention_layernorm(hidden))
+            if residual is None:  # the first layer: the stream is the embeddings
+                residual, hidden = hidden, self.input_layernorm(hidden)
+            else:
+                hidden, residual = self.input_layernorm(hidden, residual)
+            hidden = self.self_attn(positions, hidden, fb, attn)
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+            return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -98,10 +106,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
                 attn: AttentionBackend) -> torch.Tensor:
         """Returns final hidden states [tokens, hidden] (normed); see `compute_logits`."""
-        hidden = self.model.embed_tokens(input_ids)
+        hidden, residual = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
-            hidden = layer(positions, hidden, fb, attn)
-        return self.model.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, fb, attn)
+        return self.model.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         with trace_range("sglbatch.logits"):
