@@ -176,11 +176,13 @@ async def run_rate(client: Any, func: Any, inputs: list[Any], rate: float,
     `max_concurrency` in flight; return the outputs (in input order) and the wall time."""
     rng = random.Random(seed)
     semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    task_id = progress.add_task(f"rate {rate_label(rate)}", total=len(inputs)) \
+    task_id = progress.add_task(f"rate {rate_label(rate)}", total=len(inputs), speed="") \
         if progress is not None else None
     start = time.perf_counter()
+    tokens = 0
 
     async def one(inp: Any) -> Any:
+        nonlocal tokens
         if semaphore is None:
             sent = time.perf_counter()
             out = await func(client, inp)
@@ -190,7 +192,9 @@ async def run_rate(client: Any, func: Any, inputs: list[Any], rate: float,
                 out = await func(client, inp)
         out.start_time = sent - start
         if progress is not None:
-            progress.advance(task_id)
+            tokens += out.output_len or 0  # servers without token counts: shown as 0
+            speed = tokens / max(time.perf_counter() - start, 1e-9)
+            progress.update(task_id, advance=1, speed=f"{speed:.0f} out tok/s")
         return out
 
     tasks = []
@@ -229,7 +233,8 @@ async def _run_all(args: argparse.Namespace, base_url: str, headers: dict[str, s
             if args.backend in NATIVE_BACKENDS and not args.disable_flush_cache:
                 await _flush_cache(client)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=console, transient=True) as progress:
+                          TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
+                          console=console, transient=True) as progress:
                 outputs, duration = await run_rate(client, func, inputs, rate,
                                                    args.max_concurrency, args.seed, progress)
             on_rate(rate, outputs, duration)
