@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import block_size, dot_precision
+from kernels.common import block_size, dot_precision, online_softmax_step
 
 BLOCK_N = 64  # keys per inner step; splits are whole multiples of it
 MAX_NUM_SPLITS = 8
@@ -67,14 +67,9 @@ def _decode_stage1(Q, K_buf, V_buf, Req_to_token, Req_pool_indices, Seq_lens, Mi
                     mask=n_mask[None, :] & d_mask[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
         v = tl.load(V_buf + kv_head * stride_vh + slots[:, None] * stride_vs + d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        m, l, acc = online_softmax_step(s, v, m, l, acc, DOT_PRECISION)
     if end > start:
         mid = b * stride_mo_b + heads[:, None] * stride_mo_h + split * stride_mo_s + d[None, :]
         tl.store(Mid_o + mid, acc / l[:, None], mask=h_mask[:, None] & d_mask[None, :])

@@ -13,20 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import block_size, dot_precision
+from kernels.common import block_size, dot_precision, online_softmax_step
 
 BLOCK_M = 32  # query rows per program
 BLOCK_N = 32  # keys per inner step
-
-
-@triton.jit
-def _online_softmax_step(s, v, m, l, acc, DOT_PRECISION: tl.constexpr):
-    m_new = tl.maximum(m, tl.max(s, 1))
-    alpha = tl.exp(m - m_new)
-    p = tl.exp(s - m_new[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l, acc
 
 
 @triton.jit
@@ -68,7 +58,7 @@ def _extend_kernel(Q, K, V, O, K_buf, V_buf, Req_to_token, Req_pool_indices, Pre
         s = tl.where(n_mask[None, :], s, float("-inf"))
         v = tl.load(V_buf + kv_head * stride_vbh + slots[:, None] * stride_vbs + d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        m, l, acc = _online_softmax_step(s, v, m, l, acc, DOT_PRECISION)
+        m, l, acc = online_softmax_step(s, v, m, l, acc, DOT_PRECISION)
 
     # The new tokens, causally: the block's rows see keys up to their own position.
     seen = tl.minimum(extend_len, (block_m + 1) * BLOCK_M) * live
@@ -81,7 +71,7 @@ def _extend_kernel(Q, K, V, O, K_buf, V_buf, Req_to_token, Req_pool_indices, Pre
         s = tl.where(n_mask[None, :] & (n[None, :] <= m_idx[:, None]), s, float("-inf"))
         v = tl.load(V + (first + n[:, None]) * stride_vt + kv_head * stride_vh + d[None, :],
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        m, l, acc = _online_softmax_step(s, v, m, l, acc, DOT_PRECISION)
+        m, l, acc = online_softmax_step(s, v, m, l, acc, DOT_PRECISION)
 
     # A row that saw any key has l >= 1 (its max term is exp(0)); only the rows of a dead
     # block have l == 0, and they are masked out of the store: no 0/0 computed for them.

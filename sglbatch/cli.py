@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sglbatch.engine.config import EngineConfig
@@ -190,68 +191,61 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    offline = bench.add_parser(
-        "offline", help="throughput of the in-process engine on a workload",
-        description="Runs the in-process engine over a workload (greedy, each request "
-                    "generating exactly its output length) and reports requests/s, tokens/s and "
-                    "the cache hit rate; --baseline transformers runs transformers `generate` "
-                    "on the same requests in the same run and prints the ratio.")
-    from sglbatch.bench.offline import add_args as add_offline_args
+    from sglbatch.bench import offline, one_batch, profile, serving
+    from sglbatch.eval import gsm8k_command
 
-    add_offline_args(offline)
-    add_engine_args(offline)
-    offline.set_defaults(func=_cmd_bench_offline)
-    one_batch = bench.add_parser(
-        "one-batch", help="latency of one static batch through the model runner, no scheduler "
-                          "(as SGLang's bench_one_batch)",
-        description="For each --batch-size x --input-len x --output-len: one prefill forward "
-                    "over the whole batch, then greedy decode steps; reports prefill latency "
-                    "and throughput, the median decode step and its throughput, and the "
-                    "total. --correct prints greedy outputs of fixed prompts instead.")
-    from sglbatch.bench.one_batch import add_args as add_one_batch_args
-
-    add_one_batch_args(one_batch)
-    add_engine_args(one_batch)
-    one_batch.set_defaults(func=_cmd_bench_one_batch)
-    serving = bench.add_parser(
-        "serving", help="online serving benchmark against a running server (as SGLang's "
-                        "bench_serving)",
-        description="Sends a workload to a running server (sglbatch/SGLang /generate, or an "
-                    "OpenAI-compatible /v1/completions or /v1/chat/completions) at a Poisson "
-                    "request rate, streaming, and reports throughput, concurrency and TTFT / "
-                    "TPOT / ITL / E2E latency percentiles; a comma-separated --request-rate "
-                    "sweeps several rates.")
-    from sglbatch.bench.serving import add_args as add_serving_args
-
-    add_serving_args(serving)
-    serving.set_defaults(func=_cmd_bench_serving)
-
-    profile = sub.add_parser(
-        "profile", help="run a subcommand under torch.profiler and write a Chrome trace",
-        description="sglbatch profile [--output-dir DIR] -- <subcommand> [args]: runs the "
-                    "subcommand (bench one-batch, bench offline, serve, run, ...) under "
-                    "torch.profiler, writes a Chrome/Perfetto trace JSON with the sglbatch.* "
-                    "ranges (scheduler phases, forward passes, layers), and prints the top "
-                    "ops by self CPU time. For serve the trace is written at shutdown.")
-    from sglbatch.bench.profile import add_args as add_profile_args
-
-    add_profile_args(profile)
-    profile.set_defaults(func=_cmd_profile)
+    _subcommand(bench, "offline", offline.add_args, _cmd_bench_offline, engine=True,
+                help="throughput of the in-process engine on a workload",
+                description="Runs the in-process engine over a workload (greedy, each request "
+                            "generating exactly its output length) and reports requests/s, "
+                            "tokens/s and the cache hit rate; --baseline transformers runs "
+                            "transformers `generate` on the same requests in the same run and "
+                            "prints the ratio.")
+    _subcommand(bench, "one-batch", one_batch.add_args, _cmd_bench_one_batch, engine=True,
+                help="latency of one static batch through the model runner, no scheduler "
+                     "(as SGLang's bench_one_batch)",
+                description="For each --batch-size x --input-len x --output-len: one prefill "
+                            "forward over the whole batch, then greedy decode steps; reports "
+                            "prefill latency and throughput, the median decode step and its "
+                            "throughput, and the total. --correct prints greedy outputs of "
+                            "fixed prompts instead.")
+    _subcommand(bench, "serving", serving.add_args, _cmd_bench_serving, engine=False,
+                help="online serving benchmark against a running server (as SGLang's "
+                     "bench_serving)",
+                description="Sends a workload to a running server (sglbatch/SGLang /generate, "
+                            "or an OpenAI-compatible /v1/completions or /v1/chat/completions) "
+                            "at a Poisson request rate, streaming, and reports throughput, "
+                            "concurrency and TTFT / TPOT / ITL / E2E latency percentiles; a "
+                            "comma-separated --request-rate sweeps several rates.")
+    _subcommand(sub, "profile", profile.add_args, _cmd_profile, engine=False,
+                help="run a subcommand under torch.profiler and write a Chrome trace",
+                description="sglbatch profile [--output-dir DIR] -- <subcommand> [args]: runs "
+                            "the subcommand (bench one-batch, bench offline, serve, run, ...) "
+                            "under torch.profiler, writes a Chrome/Perfetto trace JSON with the "
+                            "sglbatch.* ranges (scheduler phases, forward passes, layers), and "
+                            "prints the top ops by self CPU time. For serve the trace is "
+                            "written at shutdown.")
     evals = sub.add_parser("eval", help="accuracy evals").add_subparsers(dest="eval",
                                                                          required=True)
-    gsm8k = evals.add_parser(
-        "gsm8k", help="k-shot GSM8K accuracy (in process, a server, or transformers)",
-        description="Asks the first --num-questions GSM8K test questions after --num-shots "
-                    "worked examples, greedy, and scores the last number of each answer as "
-                    "SGLang's benchmark does (no number = invalid). Appends accuracy, "
-                    "invalid rate, latency and output throughput to --output-file and "
-                    "writes each question's answer beside it.")
-    from sglbatch.eval.gsm8k_command import add_args as add_gsm8k_args
-
-    add_gsm8k_args(gsm8k)
-    add_engine_args(gsm8k)
-    gsm8k.set_defaults(func=_cmd_eval_gsm8k)
+    _subcommand(evals, "gsm8k", gsm8k_command.add_args, _cmd_eval_gsm8k, engine=True,
+                help="k-shot GSM8K accuracy (in process, a server, or transformers)",
+                description="Asks the first --num-questions GSM8K test questions after "
+                            "--num-shots worked examples, greedy, and scores the last number "
+                            "of each answer as SGLang's benchmark does (no number = invalid). "
+                            "Appends accuracy, invalid rate, latency and output throughput to "
+                            "--output-file and writes each question's answer beside it.")
     return parser
+
+
+def _subcommand(subparsers: Any, name: str, add_args: Callable[[argparse.ArgumentParser], None],
+                func: Callable[[argparse.Namespace], int], engine: bool, **texts: str) -> None:
+    """A subcommand whose flags come from its module's `add_args` (and the engine's flags
+    when it loads a model)."""
+    parser = subparsers.add_parser(name, **texts)
+    add_args(parser)
+    if engine:
+        add_engine_args(parser)
+    parser.set_defaults(func=func)
 
 
 def main(argv: list[str] | None = None) -> int:

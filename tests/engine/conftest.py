@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+from sglbatch.engine.config import ModelConfig
 
 # Prompts of clearly different lengths (a few tokens to ~100), shared by the greedy tests.
 PROMPTS = [
@@ -20,6 +23,25 @@ PROMPTS = [
     "clips in May. How many clips did Natalia sell altogether in April and May? Think step by "
     "step and explain your reasoning carefully before giving the final answer. Answer:",
 ]
+
+
+# A 2-layer Llama with GQA (6 query heads over 2 kv heads) for tests that need a model but
+# not its weights: random ones, scaled so activations stay O(1).
+TINY_LLAMA = ModelConfig(
+    architecture="LlamaForCausalLM", vocab_size=100, hidden_size=64, intermediate_size=96,
+    num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
+    rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=64,
+    tie_word_embeddings=False, attention_bias=False, eos_token_ids=(0,))
+
+
+def random_tiny_llama(seed: int = 0) -> torch.nn.Module:
+    from sglbatch.engine.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(TINY_LLAMA).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -18,17 +18,9 @@ pytest.importorskip("triton")
 
 from sglbatch.engine.attention import create_attention_backend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
-from sglbatch.engine.config import ModelConfig
 from sglbatch.engine.cuda_graph import CudaGraphRunner, capture_sizes
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
-from sglbatch.engine.models import create_model
-
-CONFIG = ModelConfig(
-    architecture="LlamaForCausalLM", vocab_size=100, hidden_size=64, intermediate_size=96,
-    num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
-    rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=64,
-    tie_word_embeddings=False, attention_bias=False, eos_token_ids=(0,))
-
+from tests.engine.conftest import TINY_LLAMA, random_tiny_llama
 
 class _EagerGraph:
     """Stands in for torch.cuda.CUDAGraph: replays the step on the same static buffers."""
@@ -55,11 +47,8 @@ def test_capture_sizes():
 
 @torch.inference_mode()
 def test_padded_replay_equals_eager_decode():
-    torch.manual_seed(0)
-    model = create_model(CONFIG).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    c = CONFIG
+    model = random_tiny_llama()
+    c = TINY_LLAMA
 
     def make():
         pool = KVPool(64, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, torch.float32)

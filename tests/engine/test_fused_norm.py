@@ -17,15 +17,14 @@ from sglbatch.engine.attention import create_attention_backend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
 from sglbatch.engine.layers.norm import RMSNorm, use_fused_kernel
-from sglbatch.engine.models import create_model
-from tests.engine.test_cuda_graph_runner import CONFIG
+from tests.engine.conftest import TINY_LLAMA, random_tiny_llama
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _prefill(model, lens: list[int]) -> torch.Tensor:
     """The final hidden states of one extend batch of random prompts of `lens` tokens."""
-    c = CONFIG
+    c = TINY_LLAMA
     pool = KVPool(64, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, torch.float32,
                   DEVICE)
     table = ReqToTokenPool(len(lens), 32, DEVICE)
@@ -51,11 +50,7 @@ def _prefill(model, lens: list[int]) -> torch.Tensor:
 
 @torch.inference_mode()
 def test_fused_add_norm_gives_the_unfused_hidden_states():
-    torch.manual_seed(0)
-    model = create_model(CONFIG).eval()
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    model.to(DEVICE)
+    model = random_tiny_llama().to(DEVICE)
     expected = _prefill(model, [5, 9])
     use_fused_kernel(model)
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
