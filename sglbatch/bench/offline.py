@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
         "fraction_of_ceiling": result["output_throughput"] / ceiling["ceiling_tokens_per_s"]}
     if args.baseline == "transformers":
         record["baseline"] = _run_transformers(console, model_dir, dtype, requests,
-                                           args.baseline_batch_sizes)
+                                               args.baseline_batch_sizes)
     elif args.baseline == "llama-cpp":
         record["baseline"] = _run_llamacpp(console, model_dir, requests)
     if args.baseline:
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
 
 
 def _run_transformers(console: Any, model_dir: Path, dtype: Any, requests: list[BenchRequest],
-                  batch_sizes: str) -> dict[str, Any]:
+                      batch_sizes: str) -> dict[str, Any]:
     from sglbatch.bench.transformers_baseline import run_transformers_generate
 
     per_batch = {}
