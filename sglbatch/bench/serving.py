@@ -84,7 +84,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--disable-stream", action="store_true",
                       help="non-streaming requests (TTFT is then the whole latency)")
     load.add_argument("--disable-flush-cache", action="store_true",
-                      help="sglbatch/sglang backends: do not POST /flush_cache before each rate")
+                      help="do not POST /flush_cache before each rate (sglbatch and SGLang "
+                           "empty their prefix cache, so no rate reuses an earlier one's "
+                           "prompts; other servers answer 404 and nothing happens)")
     load.add_argument("--extra-request-body", type=_json_object, default={},
                       metavar="JSON", help="fields added to every request body (native "
                       "backends: sampling parameters go in sampling_params)")
@@ -155,7 +157,8 @@ def load_tokenizer(explicit: str | None, hint: str | None, console: Any) -> Any:
 
 
 async def _flush_cache(client: Any) -> None:
-    """Best effort: start each rate with an empty prefix cache (the prompts repeat)."""
+    """Best effort: start each rate with an empty prefix cache (the prompts repeat). Any
+    backend may be a server that has /flush_cache (an OpenAI-compatible sglbatch or SGLang)."""
     import aiohttp
 
     for _ in range(10):
@@ -230,7 +233,7 @@ async def _run_all(args: argparse.Namespace, base_url: str, headers: dict[str, s
                 console.print(f"warm-up failed: {distinct_errors(outs)[0]}", style="yellow",
                               markup=False, highlight=False)
         for rate in args.request_rate:
-            if args.backend in NATIVE_BACKENDS and not args.disable_flush_cache:
+            if not args.disable_flush_cache:
                 await _flush_cache(client)
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),

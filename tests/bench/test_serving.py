@@ -188,3 +188,29 @@ def test_run_rate_keeps_the_concurrency_cap_and_input_order():
     peak = 0
     asyncio.run(run_rate(None, fake, list(range(6)), math.inf, None, seed=0))
     assert peak == 6  # inf with no cap: all at once
+
+
+def _cached_tokens(server) -> float:
+    import httpx
+
+    text = httpx.get(server.url + "/metrics", headers=server.headers).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("sglang:cached_tokens_total"))
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_each_rate_starts_with_an_empty_prefix_cache(server, tmp_path, flush):
+    """The OpenAI backend against a server with /flush_cache: the second rate sends the
+    first one's prompts again, which only --disable-flush-cache lets it find cached."""
+    summary = tmp_path / "s.jsonl"
+    before = _cached_tokens(server)
+    assert main(["bench", "serving", "--backend", "openai", "--base-url", server.url,
+                 "--api-key", server.api_key, *WORKLOAD, "--seed", "7" if flush else "8",
+                 "--warmup-requests", "0", "--request-rate", "inf,inf", "--output-file",
+                 str(summary), *([] if flush else ["--disable-flush-cache"])]) == 0
+    cached = _cached_tokens(server) - before
+    one_rate = _lines(summary)[0]["total_input_tokens"]
+    if flush:
+        assert cached <= NUM  # nothing shared but, at most, a first token
+    else:
+        assert cached >= one_rate - 2 * NUM  # the second rate's prompts, all but their ends
