@@ -33,7 +33,13 @@ def load_gsm8k(split: str, data_path: str | Path | None = None) -> list[dict[str
             path.parent.mkdir(parents=True, exist_ok=True)
             logger.info("downloading GSM8K %s to %s", split, path)
             tmp = path.with_suffix(".part")
-            urllib.request.urlretrieve(PUBLIC_URL.format(split=split), tmp)
+            url = PUBLIC_URL.format(split=split)
+            try:
+                urllib.request.urlretrieve(url, tmp)
+            except OSError as e:  # URLError and HTTPError included
+                tmp.unlink(missing_ok=True)
+                raise ValueError(f"GSM8K: cannot download {url} ({e}); give the folder "
+                                 "holding train.jsonl and test.jsonl (--data-path)") from None
             tmp.rename(path)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for i, row in enumerate(rows):

@@ -116,9 +116,17 @@ class _Completer:
             with self.console.status("loading the model in transformers..."):
                 self.transformers = TransformersGenerator(model_dir, self.dtype)
         elif args.base_url:
+            import httpx
+
             from sglbatch.lang.backend.runtime_endpoint import RuntimeEndpoint
 
-            self.backend = RuntimeEndpoint(args.base_url, api_key=args.api_key)
+            try:
+                self.backend = RuntimeEndpoint(args.base_url, api_key=args.api_key)
+            except (httpx.HTTPError, RuntimeError) as e:  # unreachable, or not 200 (a key?)
+                raise ValueError(f"--base-url {args.base_url}: GET /get_model_info failed "
+                                 f"({type(e).__name__}: {e}); is an sglbatch or SGLang "
+                                 "server running there (with --api-key if it wants one)?"
+                                 ) from None
         else:
             from sglbatch.engine.engine import Engine
             from sglbatch.lang.backend.engine import EngineBackend

@@ -101,3 +101,24 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert "train.jsonl and test.jsonl" in capsys.readouterr().err
     assert main(["eval", "gsm8k", "--data-path", str(SHARED_GSM8K), "--parallel", "0"]) == 2
     assert "--parallel" in capsys.readouterr().err
+
+
+def test_unreachable_or_refusing_servers_are_clear_errors(server, capsys):
+    from tests.server.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    args = ["eval", "gsm8k", "--data-path", str(SHARED_GSM8K), "--num-questions", "1"]
+    assert main([*args, "--base-url", url]) == 2
+    assert f"--base-url {url}" in capsys.readouterr().err
+    assert main([*args, "--base-url", server.url, "--api-key", "wrong"]) == 2
+    assert "HTTP 401" in capsys.readouterr().err
+
+
+def test_failed_download_names_data_path(tmp_path, monkeypatch, capsys):
+    from sglbatch.eval import gsm8k
+
+    monkeypatch.setenv("SGLBATCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gsm8k, "PUBLIC_URL", (tmp_path / "missing-{split}.jsonl").as_uri())
+    assert main(["eval", "gsm8k", "--num-questions", "1"]) == 2
+    assert "--data-path" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.part"))  # nothing half-written left in the cache

@@ -103,7 +103,7 @@ class RuntimeEndpoint(BaseBackend):
                 content = res.json()
             except (json.JSONDecodeError, ValueError):
                 content = res.text
-            raise RuntimeError(content)
+            raise RuntimeError(f"HTTP {res.status_code}: {content}")
 
     def close(self) -> None:
         """Close the HTTP connections (the endpoint is unusable afterwards)."""
