@@ -14,6 +14,7 @@ from typing import Any
 
 from sglbatch.bench.datasets import BenchRequest
 from sglbatch.bench.transformers_baseline import TransformersGenerator
+from sglbatch.engine.tokenizer import find_stop_string
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,5 @@ def complete_with_transformers(generator: TransformersGenerator, prompt_ids: lis
     for indices, outputs in generator.generate_all(requests, batch_size):
         for i, ids in zip(indices, outputs):
             text = generator.tokenizer.decode(ids, skip_special_tokens=True)
-            yield i, Completion(_cut_at_stop(text, stop), len(ids))
-
-
-def _cut_at_stop(text: str, stop: list[str]) -> str:
-    ends = [text.find(s) for s in stop if s in text]
-    return text[:min(ends)] if ends else text
+            found = find_stop_string(text, stop, len(text))  # the engine's own stop search
+            yield i, Completion(text[:found[0]] if found else text, len(ids))
