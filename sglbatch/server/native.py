@@ -4,6 +4,7 @@ frontend reads them), model and server info, health, cache flush, abort, /encode
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator
@@ -77,8 +78,6 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> Response:
-        import asyncio
-
         engine = state.require_generation()
         if await asyncio.to_thread(engine.flush_cache):
             return PlainTextResponse("Cache flushed.\n")
@@ -86,8 +85,6 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/start_profile")
     async def start_profile(request: Request) -> Any:
-        import asyncio
-
         body = await read_json_object(request) if await request.body() else {}
         engine = state.require_generation()
         kwargs = _start_profile_kwargs(body)
@@ -100,8 +97,6 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/stop_profile")
     async def stop_profile() -> Any:
-        import asyncio
-
         engine = state.require_generation()
         try:
             path = await asyncio.to_thread(engine.stop_profile)
