@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from sglbatch.bench.datasets import BenchRequest
-from sglbatch.bench.transformers_baseline import run_transformers_generate
+from sglbatch.bench.transformers_baseline import TransformersGenerator, run_transformers_generate
 from sglbatch.engine.engine import Engine
 from sglbatch.eval.gsm8k import STOP, few_shot_prefix, load_gsm8k, question_prompt
 from sglbatch.jobs.runner import JobRunner
@@ -59,8 +59,8 @@ def main() -> None:
             dtype = engine.model_runner.dtype
     requests = [BenchRequest(tokenizer.encode(prefix + question_prompt(q["question"])), 256,
                              stop=tuple(STOP), ignore_eos=False) for q in questions]
-    hf_seconds, hf_tokens = run_transformers_generate(model_dir, dtype, requests,
-                                                      args.baseline_batch_size)
+    hf_seconds, hf_tokens = run_transformers_generate(TransformersGenerator(model_dir, dtype),
+                                                      requests, args.baseline_batch_size)
     print(f"{args.rows} GSM8K questions, 5-shot, {dtype}")
     for order, (seconds, stats) in results.items():
         print(f"  order: {order:6s} {seconds:7.1f} s wall, cached-token share "

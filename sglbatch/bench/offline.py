@@ -93,12 +93,17 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
 
 def _run_transformers(console: Any, model_dir: Path, dtype: Any, requests: list[BenchRequest],
                       batch_sizes: str) -> dict[str, Any]:
-    from sglbatch.bench.transformers_baseline import run_transformers_generate
+    from sglbatch.bench.transformers_baseline import (
+        TransformersGenerator,
+        run_transformers_generate,
+    )
 
+    with console.status("loading the model in transformers..."):
+        generator = TransformersGenerator(model_dir, dtype)  # once for every batch size
     per_batch = {}
     for bs in (int(b) for b in batch_sizes.split(",")):
         with console.status(f"transformers generate, batch size {bs}..."):
-            seconds, tokens = run_transformers_generate(model_dir, dtype, requests, bs)
+            seconds, tokens = run_transformers_generate(generator, requests, bs)
         per_batch[bs] = tokens / seconds
         console.print(f"transformers generate, batch {bs}: {per_batch[bs]:.1f} output tok/s")
     best = max(per_batch, key=per_batch.get)

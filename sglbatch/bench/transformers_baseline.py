@@ -68,11 +68,10 @@ def _until_finished(ids: list[int], pad_id: int, eos: int | list[int] | None) ->
     return ids
 
 
-def run_transformers_generate(model_dir: Path, dtype: torch.dtype, requests: list[BenchRequest],
+def run_transformers_generate(generator: TransformersGenerator, requests: list[BenchRequest],
                               batch_size: int) -> tuple[float, int]:
     """Greedy, batched with left padding, in the requests' order. Returns
     (seconds, output tokens)."""
-    generator = TransformersGenerator(model_dir, dtype)
     output_tokens = 0
     start = time.perf_counter()
     for i in range(0, len(requests), batch_size):
