@@ -321,6 +321,8 @@ def _run_correct(console: Any, args: argparse.Namespace, runner: Any,
                  tokenizer: Any) -> list[CorrectnessResult]:
     prompts = DEFAULT_PROMPTS
     if args.prompt_filename:
+        if not args.prompt_filename.is_file():
+            raise ValueError(f"--prompt-filename {args.prompt_filename}: no such file")
         prompts = [line.rstrip("\n") for line in args.prompt_filename.read_text().splitlines()
                    if line.strip()]
         if not prompts:

@@ -54,3 +54,9 @@ def test_synthetic_inputs_are_seeded():
     a = synthetic_input_ids(3, 5, 49152, seed=7)
     assert a == synthetic_input_ids(3, 5, 49152, seed=7) != synthetic_input_ids(3, 5, 49152, 8)
     assert all(len(row) == 5 and all(0 <= t < 10000 for t in row) for row in a)
+
+
+def test_missing_prompt_file_names_the_flag(smollm2_dir, capsys):
+    assert main(["bench", "one-batch", "--model-path", str(smollm2_dir), "--kv-cache-gb", "0.05",
+                 "--correct", "--prompt-filename", "/no/such/prompts.txt"]) == 2
+    assert "--prompt-filename /no/such/prompts.txt" in capsys.readouterr().err
