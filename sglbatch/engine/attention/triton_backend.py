@@ -1,19 +1,19 @@
-"""The Triton backend: the kernels of the top-level `kernels` package over the paged pool.
+"""The Triton backend: the kernels of `sglbatch.kernels` over the paged pool.
 
 Each layer stores the step's K/V into their slots with one kernel, then runs extend
 attention (prefix read from the pool, new tokens from the step's K/V) or split-KV decode
 attention. The metadata is a few small int32 tensors on the pool's device, built once per
 forward; for decode it is only `seq_lens`, which a CUDA graph can keep in a static buffer.
-Off a GPU the kernels need `TRITON_INTERPRET=1` (set before `kernels` is imported).
+Off a GPU the kernels need `TRITON_INTERPRET=1` (set before `sglbatch.kernels` is imported).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels.decode_attention import MAX_NUM_SPLITS, decode_attention, num_splits_for
-from kernels.extend_attention import extend_attention
-from kernels.kv_store import store_kv
+from sglbatch.kernels.decode_attention import MAX_NUM_SPLITS, decode_attention, num_splits_for
+from sglbatch.kernels.extend_attention import extend_attention
+from sglbatch.kernels.kv_store import store_kv
 from sglbatch.engine.attention.base import AttentionBackend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
 

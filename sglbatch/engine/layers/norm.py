@@ -2,7 +2,7 @@
 
 Called with a `residual`, it is the pre-norm block's "add, then norm" step: it returns
 (norm(residual + x), residual + x). On CUDA that step is one fused Triton kernel
-(`kernels.rmsnorm`, see `use_fused_kernel`); elsewhere it is the same two torch ops the
+(`sglbatch.kernels.rmsnorm`, see `use_fused_kernel`); elsewhere it is the same two torch ops the
 unfused model runs, so CPU results do not change.
 """
 
@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
 def use_fused_kernel(model: nn.Module) -> None:
     """Every RMSNorm's add-then-norm step runs the Triton kernel (the CUDA path; on the CPU
     only under TRITON_INTERPRET=1, for tests)."""
-    from kernels.rmsnorm import rmsnorm
+    from sglbatch.kernels.rmsnorm import rmsnorm
 
     for module in model.modules():
         if isinstance(module, RMSNorm):

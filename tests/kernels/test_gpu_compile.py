@@ -17,7 +17,7 @@ KERNELS = {"_store_kv_kernel", "_extend_kernel", "_decode_stage1", "_decode_stag
 
 def test_every_launch_compiles_to_cubin_for_sm80_and_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.tests.gpu_compile"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.gpu_compile"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]

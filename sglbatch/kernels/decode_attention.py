@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import block_size, dot_precision, online_softmax_step
+from sglbatch.kernels.common import block_size, dot_precision, online_softmax_step
 
 BLOCK_N = 64  # keys per inner step; splits are whole multiples of it
 MAX_NUM_SPLITS = 8

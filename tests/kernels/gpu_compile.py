@@ -1,6 +1,6 @@
 """Compile every kernel launch the wrappers make for real GPUs, with no GPU present.
 
-Run as `python -m kernels.tests.gpu_compile` without TRITON_INTERPRET (the interpreter's
+Run as `python -m tests.kernels.gpu_compile` without TRITON_INTERPRET (the interpreter's
 `triton.jit` cannot be compiled). Each wrapper is called on CPU tensors with `JITFunction.run`
 replaced by a recorder, so nothing executes; each recorded launch (its argument types and
 constexprs) then goes through Triton's real pipeline for each target: TTIR -> TTGIR -> LLVM
@@ -55,11 +55,11 @@ def signature(kernel, values: dict) -> tuple[dict, dict]:
 def wrapper_calls() -> None:
     """The wrappers at the shapes the engine uses: GQA 1 and 3, head dims 64 and 128, fp32
     and bf16 (the GPU's 16-bit type)."""
-    from kernels.decode_attention import decode_attention
-    from kernels.extend_attention import extend_attention
-    from kernels.kv_store import store_kv
-    from kernels.rmsnorm import rmsnorm
-    from kernels.tests.ragged import ragged_batch
+    from sglbatch.kernels.decode_attention import decode_attention
+    from sglbatch.kernels.extend_attention import extend_attention
+    from sglbatch.kernels.kv_store import store_kv
+    from sglbatch.kernels.rmsnorm import rmsnorm
+    from tests.kernels.ragged import ragged_batch
 
     for dtype in (torch.float32, torch.bfloat16):
         for kv_heads, group, dim in ((3, 3, 64), (2, 1, 128)):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.tests.ragged import DEVICE, HALF, ragged_batch, random_lens, tolerance
+from tests.device_follow import DeviceCheck, assert_all_named
+from tests.kernels.ragged import DEVICE, HALF, ragged_batch, random_lens, tolerance
 
 # (context lengths before the decoded token, kv_heads, GQA group, head_dim, dtype, splits):
 # 8 splits over sequences of 1..301 tokens leaves some splits empty, which must be skipped.
@@ -22,7 +23,7 @@ CASES = [
 @pytest.mark.parametrize("prefix_lens,kv_heads,group,head_dim,dtype,num_splits", CASES)
 def test_decode_attention_matches_reference(prefix_lens, kv_heads, group, head_dim, dtype,
                                             num_splits):
-    from kernels.decode_attention import decode_attention, decode_attention_reference
+    from sglbatch.kernels.decode_attention import decode_attention, decode_attention_reference
 
     batch = len(prefix_lens)
     r = ragged_batch(prefix_lens, [1] * batch, kv_heads, head_dim, dtype, seed=batch)
@@ -30,12 +31,15 @@ def test_decode_attention_matches_reference(prefix_lens, kv_heads, group, head_d
                     generator=torch.Generator().manual_seed(0)).to(dtype).to(DEVICE)
     seq_lens = r.prefix_lens + 1
     args = (q, r.k_buf, r.v_buf, r.req_to_token, r.req_pool_indices, seq_lens, head_dim ** -0.5)
-    out = decode_attention(*args, num_splits)
-    torch.testing.assert_close(out, decode_attention_reference(*args), **tolerance(dtype))
+    with DeviceCheck() as check:
+        out = decode_attention(*args, num_splits)
+        ref = decode_attention_reference(*args)
+    assert_all_named(check)
+    torch.testing.assert_close(out, ref, **tolerance(dtype))
 
 
 def test_num_splits_grow_with_context():
-    from kernels.decode_attention import MAX_NUM_SPLITS, num_splits_for
+    from sglbatch.kernels.decode_attention import MAX_NUM_SPLITS, num_splits_for
 
     assert num_splits_for(1) == 1 and num_splits_for(300) == 2
     assert num_splits_for(100_000) == MAX_NUM_SPLITS

@@ -21,5 +21,5 @@ def pytest_collection_modifyitems(config, items):
     if triton is None:
         skip = pytest.mark.skip(reason="triton is not installed")
         for item in items:
-            if "kernels" in item.nodeid.split("/")[0]:
+            if item.nodeid.startswith("tests/kernels/"):
                 item.add_marker(skip)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import block_size, dot_precision, online_softmax_step
+from sglbatch.kernels.common import block_size, dot_precision, online_softmax_step
 
 BLOCK_M = 32  # query rows per program
 BLOCK_N = 32  # keys per inner step
@@ -121,7 +121,8 @@ def extend_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         keys = keys.repeat_interleave(heads // kv_heads, dim=1)
         values = values.repeat_interleave(heads // kv_heads, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[first:first + n].float(), keys) * scale
-        visible = torch.arange(prefix + n)[None, :] <= torch.arange(prefix, prefix + n)[:, None]
+        keys_at = torch.arange(prefix + n, device=q.device)
+        visible = keys_at[None, :] <= keys_at[prefix:, None]
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         out[first:first + n] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
     return out

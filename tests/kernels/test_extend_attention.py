@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.tests.ragged import DEVICE, HALF, ragged_batch, random_lens, tolerance
+from tests.device_follow import DeviceCheck, assert_all_named
+from tests.kernels.ragged import DEVICE, HALF, ragged_batch, random_lens, tolerance
 
 # (cached prefix lengths, new-token counts, kv_heads, GQA group, head_dim, dtype)
 CASES = [
@@ -23,7 +24,7 @@ CASES = [
 @pytest.mark.parametrize("prefix_lens,extend_lens,kv_heads,group,head_dim,dtype", CASES)
 def test_extend_attention_matches_reference(prefix_lens, extend_lens, kv_heads, group,
                                             head_dim, dtype):
-    from kernels.extend_attention import extend_attention, extend_attention_reference
+    from sglbatch.kernels.extend_attention import extend_attention, extend_attention_reference
 
     r = ragged_batch(prefix_lens, extend_lens, kv_heads, head_dim, dtype, seed=len(prefix_lens))
     gen = torch.Generator().manual_seed(0)
@@ -35,5 +36,8 @@ def test_extend_attention_matches_reference(prefix_lens, extend_lens, kv_heads, 
     q, k, v = rand(kv_heads * group), rand(kv_heads), rand(kv_heads)
     args = (q, k, v, r.k_buf, r.v_buf, r.req_to_token, r.req_pool_indices, r.prefix_lens,
             r.extend_lens, r.extend_start, head_dim ** -0.5)
-    out = extend_attention(*args, max_extend_len=max(extend_lens))
-    torch.testing.assert_close(out, extend_attention_reference(*args), **tolerance(dtype))
+    with DeviceCheck() as check:  # both run on q's device, whatever it is
+        out = extend_attention(*args, max_extend_len=max(extend_lens))
+        ref = extend_attention_reference(*args)
+    assert_all_named(check)
+    torch.testing.assert_close(out, ref, **tolerance(dtype))

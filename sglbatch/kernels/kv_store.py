@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import block_size
+from sglbatch.kernels.common import block_size
 
 
 @triton.jit
