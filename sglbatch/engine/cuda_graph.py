@@ -100,7 +100,7 @@ class CudaGraphRunner:
         self.positions[:bs].copy_(fb.positions)
         self.out_cache_loc[:bs].copy_(fb.out_cache_loc)
         self.req_pool_indices[:bs].copy_(fb.req_pool_indices)
-        self.seq_lens[:bs].copy_(torch.tensor(fb.seq_lens_cpu, dtype=torch.int32))
+        self.seq_lens[:bs].copy_(torch.tensor(fb.seq_lens_cpu, dtype=torch.int32, device="cpu"))
         if padded > bs:  # the previous replay may have left real rows here
             for buf in (self.input_ids, self.positions, self.out_cache_loc,
                         self.req_pool_indices):

@@ -62,5 +62,5 @@ def apply_custom_processors(logits: torch.Tensor, reqs: list[Req]) -> None:
     for processor, rows in groups.values():
         params = [{**(reqs[i].sampling_params.custom_params or {}), "__req__": reqs[i]}
                   for i in rows]
-        index = torch.tensor(rows)
+        index = torch.tensor(rows, device=logits.device)
         logits[index] = processor(logits[index], params).to(logits.dtype)

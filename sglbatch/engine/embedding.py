@@ -69,7 +69,7 @@ class _Bert(nn.Module):
         self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg["num_hidden_layers"]))
 
     def forward(self, ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1])
+        positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.ln(self.word(ids) + self.position(positions) + self.token_type.weight[0])
         mask = keep[:, None, None, :]  # [batch, 1, 1, keys]: padding is never attended to
         for layer in self.layers:
@@ -295,11 +295,11 @@ class EmbeddingModel:
 
     def _embed(self, batch: list[list[int]]) -> torch.Tensor:
         width = max(len(ids) for ids in batch)
-        ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
-        keep = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, seq in enumerate(batch):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            keep[row, :len(seq)] = True
+        device = self.model.word.weight.device
+        ids = torch.tensor([seq + [self._pad_id] * (width - len(seq)) for seq in batch],
+                           dtype=torch.long, device=device)
+        keep = torch.tensor([[True] * len(seq) + [False] * (width - len(seq)) for seq in batch],
+                            device=device)
         hidden = self.model(ids, keep).float()
         if self.pooling == "cls_token":
             vecs = hidden[:, 0]

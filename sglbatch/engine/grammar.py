@@ -89,8 +89,10 @@ def apply_grammar_masks(logits: torch.Tensor, grammars: list[Grammar | None]) ->
     rows = [i for i, g in enumerate(grammars) if g is not None]
     if not rows:
         return
-    bitmask = xgr.allocate_token_bitmask(len(grammars), logits.shape[-1])
+    # xgrammar fills the mask on the host (all bits set = every token allowed).
+    bitmask = torch.full(xgr.get_bitmask_shape(len(grammars), logits.shape[-1]), -1,
+                         dtype=xgr.bitmask_dtype, device="cpu")
     _batch_filler().batch_fill_next_token_bitmask(
         [grammars[i].matcher for i in rows], bitmask, indices=rows)
-    # xgrammar fills the mask on the CPU; on a GPU it is applied there (its own kernel).
+    # On a GPU the mask is applied there (xgrammar's own kernel).
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)

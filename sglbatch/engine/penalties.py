@@ -38,12 +38,12 @@ def _apply_token_penalties(logits: torch.Tensor, reqs: list[Req], rows: torch.Te
         return torch.tensor(values, device=device)[:, None]
 
     if any(p.frequency_penalty or p.presence_penalty for p in params):
-        counts = _token_counts([r.output_ids for r in reqs], vocab).to(device)
+        counts = _token_counts([r.output_ids for r in reqs], vocab, device)
         frequency = column([p.frequency_penalty for p in params])
         presence = column([p.presence_penalty for p in params])
         sub -= frequency * counts + presence * (counts > 0)
     if any(p.repetition_penalty != 1.0 for p in params):
-        seen = _token_counts([r.fill_ids for r in reqs], vocab).to(device) > 0
+        seen = _token_counts([r.fill_ids for r in reqs], vocab, device) > 0
         penalty = column([p.repetition_penalty for p in params])
         sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
     for row, p in enumerate(params):
@@ -53,12 +53,13 @@ def _apply_token_penalties(logits: torch.Tensor, reqs: list[Req], rows: torch.Te
     logits[rows] = sub
 
 
-def _token_counts(token_lists: list[list[int]], vocab: int) -> torch.Tensor:
-    """[len(token_lists), vocab] fp32 occurrence counts; padding lands in a dropped column."""
+def _token_counts(token_lists: list[list[int]], vocab: int,
+                  device: torch.device) -> torch.Tensor:
+    """[len(token_lists), vocab] fp32 occurrence counts on `device`; padding lands in a
+    dropped column. The ids are padded on the host and copied over once."""
     width = max((len(t) for t in token_lists), default=0)
-    padded = torch.full((len(token_lists), width), vocab, dtype=torch.int64)
-    for i, tokens in enumerate(token_lists):
-        padded[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
-    counts = torch.zeros(len(token_lists), vocab + 1)
-    counts.scatter_add_(1, padded, torch.ones(padded.shape))
+    padded = [tokens + [vocab] * (width - len(tokens)) for tokens in token_lists]
+    ids = torch.tensor(padded, dtype=torch.int64, device=device).view(len(token_lists), width)
+    counts = torch.zeros(len(token_lists), vocab + 1, device=device)
+    counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
     return counts[:, :vocab]

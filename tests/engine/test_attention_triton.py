@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 from sglbatch.engine.attention import create_attention_backend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
 from sglbatch.engine.kv_pool import KVPool
+from tests.device_follow import DeviceCheck, assert_all_named
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS, KV_HEADS, DIM = 6, 2, 64
@@ -50,8 +51,10 @@ def _run_both(names, pools, fb, n_tokens, seed, dtype):
     outs = []
     for pool, name in zip(pools, names):
         backend = create_attention_backend(name, DEVICE, pool, HEADS, KV_HEADS, DIM)
-        backend.init_forward_metadata(fb)
-        outs.append(backend.forward(q, k, v, 0, fb))
+        with DeviceCheck() as check:
+            backend.init_forward_metadata(fb)
+            outs.append(backend.forward(q, k, v, 0, fb))
+        assert_all_named(check)
     return outs
 
 

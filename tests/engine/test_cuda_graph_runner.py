@@ -20,7 +20,9 @@ from sglbatch.engine.attention import create_attention_backend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
 from sglbatch.engine.cuda_graph import CudaGraphRunner, capture_sizes
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
+from tests.device_follow import DeviceCheck, assert_all_named
 from tests.engine.conftest import TINY_LLAMA, random_tiny_llama
+
 
 class _EagerGraph:
     """Stands in for torch.cuda.CUDAGraph: replays the step on the same static buffers."""
@@ -81,17 +83,18 @@ def test_padded_replay_equals_eager_decode():
                             torch.stack(out_loc), t(rows), t([1, 1, 1]), t([0, 1, 2]),
                             table.table, seq_lens, [s - 1 for s in seq_lens], [1, 1, 1])
 
-    pool, table, backend = pools[0]
-    fb = batch(table)
-    backend.init_forward_metadata(fb)
-    expected = model(fb.input_ids, fb.positions, fb, backend)
+    eager_fb, fb = batch(pools[0][1]), batch(pools[1][1])
+    with DeviceCheck() as check:  # the model's forward and the runner's replay
+        backend = pools[0][2]
+        backend.init_forward_metadata(eager_fb)
+        expected = model(eager_fb.input_ids, eager_fb.positions, eager_fb, backend)
 
-    pool, table, backend = pools[1]
-    runner = _EagerRunner(model, backend, table.table, max_bs=4)
-    assert runner.sizes == [1, 2, 4]
-    fb = batch(table)
-    assert runner.can_run(fb)
-    got = runner.replay(fb)  # padded to 4
+        pool, table, backend = pools[1]
+        runner = _EagerRunner(model, backend, table.table, max_bs=4)
+        assert runner.sizes == [1, 2, 4]
+        assert runner.can_run(fb)
+        got = runner.replay(fb)  # padded to 4
+    assert_all_named(check)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # Every real slot holds the same K/V as after the eager step; the padding row wrote
     # only to the scratch slot 0.

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from sglbatch.engine.embedding import EmbeddingModel
 from sglbatch.engine.model_source import cache_dir, resolve_model_path
+from tests.device_follow import DeviceCheck, assert_all_named
 
 # Varied lengths: empty, one word, sentences, unicode, and one past max_seq_length (256).
 SENTENCES = [
@@ -76,7 +77,10 @@ def test_matches_sentence_transformers(model: EmbeddingModel, reference) -> None
 
 
 def test_padding_and_batching_do_not_change_vectors(model: EmbeddingModel) -> None:
-    batched = _vectors(model.encode(SENTENCES))
+    with DeviceCheck() as check:
+        batched = model.encode(SENTENCES)
+    assert_all_named(check)
+    batched = _vectors(batched)
     alone = _vectors([model.encode([s])[0] for s in SENTENCES])
     small_batches = _vectors(model.encode(SENTENCES, batch_size=3))
     assert torch.allclose(batched, alone, atol=1e-5)

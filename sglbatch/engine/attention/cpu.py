@@ -29,8 +29,10 @@ class CpuBackend(TorchNativeBackend):
 
     def _suffix_metadata(self, fb: ForwardBatch, rows: torch.Tensor,
                          prefix_lens: list[int]) -> _Ragged:
-        return _Ragged(fb.req_pool_indices.contiguous(), torch.tensor(prefix_lens),
-                       torch.tensor(fb.seq_lens_cpu), fb.req_to_token)
+        # The C++ kernel reads these on the host.
+        return _Ragged(fb.req_pool_indices.contiguous(),
+                       torch.tensor(prefix_lens, device="cpu"),
+                       torch.tensor(fb.seq_lens_cpu, device="cpu"), fb.req_to_token)
 
     def _decode_suffixes(self, q: torch.Tensor, layer_id: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:

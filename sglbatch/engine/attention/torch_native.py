@@ -67,7 +67,7 @@ def _shared_prefixes(rows: torch.Tensor, seq_lens: list[int]) -> tuple[list[_Sha
             continue
         for b in members:
             prefix_lens[b] = length
-        shared.append(_SharedPrefix(torch.tensor(members), KVPool.as_span(sub[0, :length])))
+        shared.append(_SharedPrefix(torch.tensor(members, device=rows.device), KVPool.as_span(sub[0, :length])))
     return shared, prefix_lens
 
 
@@ -94,7 +94,7 @@ class TorchNativeBackend(AttentionBackend):
         padded = int(suffix_lens.max()) * len(suffix_lens)
         if len(suffix_lens) <= DECODE_BUCKET or \
                 padded * (1 - MAX_PADDING_WASTE) <= int(suffix_lens.sum()):
-            groups = [torch.arange(len(suffix_lens))]  # batch order: no scatter back needed
+            groups = [torch.arange(len(suffix_lens), device=device)]  # batch order: no scatter back needed
         else:
             groups = list(torch.argsort(suffix_lens).split(DECODE_BUCKET))
         buckets = []
@@ -214,8 +214,8 @@ class TorchNativeBackend(AttentionBackend):
             scores = torch.matmul(q_c * self.scale, k[:, :seen].transpose(1, 2)).float()
             # Only the chunk's own diagonal block holds keys in some row's future.
             diagonal = scores.view(self.num_kv_heads, group, rows, seen)[..., q_start + c:]
-            diagonal.masked_fill_(torch.ones(rows, rows, dtype=torch.bool).triu_(1),
-                                  float("-inf"))
+            future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)
+            diagonal.masked_fill_(future, float("-inf"))
             probs = torch.softmax(scores, dim=-1).to(v.dtype)
             out[:, :, c:c_end] = torch.matmul(probs, v[:, :seen]).view(
                 self.num_kv_heads, group, rows, self.head_dim)
