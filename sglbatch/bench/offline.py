@@ -67,17 +67,18 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
         with console.status(f"sglbatch: {len(requests)} requests..."):
             result = run_engine(engine, requests)
         model_dir = engine.model_runner.model_dir
-        dtype = engine.model_runner.dtype
+        dtype, device = engine.model_runner.dtype, engine.model_runner.device
         flops_per_token = model_flops_per_token(engine.model_runner.model)
     # Measured with the engine's thread gone: two threads running torch at once slow each other.
     ceiling = decode_ceiling(flops_per_token, dtype)
     dataset_args = datasets.dataset_record(args)
     record: dict[str, Any] = {
         "backend": "sglbatch", **dataset_args, "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
         "engine_args": engine_kwargs, **result, "compute_ceiling": ceiling,
         "fraction_of_ceiling": result["output_throughput"] / ceiling["ceiling_tokens_per_s"]}
     if args.baseline == "transformers":
-        record["baseline"] = _run_transformers(console, model_dir, dtype, requests,
+        record["baseline"] = _run_transformers(console, model_dir, dtype, device, requests,
                                                args.baseline_batch_sizes)
     elif args.baseline == "llama-cpp":
         record["baseline"] = _run_llamacpp(console, model_dir, requests)
@@ -91,15 +92,15 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
     return record
 
 
-def _run_transformers(console: Any, model_dir: Path, dtype: Any, requests: list[BenchRequest],
-                      batch_sizes: str) -> dict[str, Any]:
+def _run_transformers(console: Any, model_dir: Path, dtype: Any, device: Any,
+                      requests: list[BenchRequest], batch_sizes: str) -> dict[str, Any]:
     from sglbatch.bench.transformers_baseline import (
         TransformersGenerator,
         run_transformers_generate,
     )
 
     with console.status("loading the model in transformers..."):
-        generator = TransformersGenerator(model_dir, dtype)  # once for every batch size
+        generator = TransformersGenerator(model_dir, dtype, device)  # once for every batch size
     per_batch = {}
     for bs in (int(b) for b in batch_sizes.split(",")):
         with console.status(f"transformers generate, batch size {bs}..."):
@@ -107,7 +108,7 @@ def _run_transformers(console: Any, model_dir: Path, dtype: Any, requests: list[
         per_batch[bs] = tokens / seconds
         console.print(f"transformers generate, batch {bs}: {per_batch[bs]:.1f} output tok/s")
     best = max(per_batch, key=per_batch.get)
-    return {"name": "transformers", "best_batch_size": best,
+    return {"name": "transformers", "device": str(generator.model.device), "best_batch_size": best,
             "output_throughput": per_batch[best], "output_throughput_by_batch_size": per_batch}
 
 

@@ -13,12 +13,15 @@ from sglbatch.bench.datasets import BenchRequest
 
 
 class TransformersGenerator:
-    """Greedy transformers `generate`, batched with left padding."""
+    """Greedy transformers `generate`, batched with left padding, on `device` (the engine's,
+    so the two are compared on the same hardware)."""
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype):
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: str | torch.device):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         pad_id = self.model.generation_config.pad_token_id or self.model.config.eos_token_id or 0
         self.pad_id = pad_id[0] if isinstance(pad_id, list) else pad_id
@@ -29,11 +32,11 @@ class TransformersGenerator:
         workloads with stop strings stop each sequence there (its ids end with the tokens
         that completed the stop string, or EOS)."""
         width = max(len(r.input_ids) for r in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, req in enumerate(batch):
-            ids[row, width - len(req.input_ids):] = torch.tensor(req.input_ids)
-            mask[row, width - len(req.input_ids):] = 1
+        padding = [width - len(r.input_ids) for r in batch]
+        ids = torch.tensor([[self.pad_id] * pad + r.input_ids for pad, r in zip(padding, batch)],
+                           dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * pad + [1] * (width - pad) for pad in padding],
+                            device=self.device)
         new = max(r.output_len for r in batch)
         fixed_length = batch[0].ignore_eos
         kwargs: dict[str, Any] = {"min_new_tokens": new} if fixed_length else {

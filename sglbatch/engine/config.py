@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -22,7 +26,8 @@ class EngineConfig:
     dtype: str = field(default="auto", metadata={
         "help": "auto | float32 | bfloat16 | float16; auto = bfloat16 where the CPU has native "
                 "bf16 instructions, else float32"})
-    device: str = field(default="cpu", metadata={"help": "cpu | cuda"})
+    device: str = field(default="auto", metadata={
+        "help": "auto | cpu | cuda; auto = cuda where a CUDA GPU is visible, else cpu"})
     attention_backend: str = field(default="auto", metadata={
         "help": "auto | cpu | torch | triton | flashinfer. cpu: a C++ decode kernel compiled "
                 "on first use (needs g++); torch: plain torch ops; triton: the kernels/ "
@@ -66,12 +71,14 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         choices = {"dtype": ("auto", "float32", "bfloat16", "float16"),
-                   "device": ("cpu", "cuda"),
+                   "device": ("auto", "cpu", "cuda"),
                    "attention_backend": ("auto", "cpu", "torch", "triton", "flashinfer"),
                    "schedule_policy": ("lpm", "fcfs", "lof", "random")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.device == "auto":  # frozen: resolved once, here, so every reader sees cpu|cuda
+            object.__setattr__(self, "device", auto_device())
         if self.attention_backend == "cpu" and self.device != "cpu":
             raise ValueError("attention_backend='cpu' runs on device='cpu' only, "
                              f"got device={self.device!r}")
@@ -111,6 +118,16 @@ class EngineConfig:
         if self.device == "cuda":
             return torch.bfloat16
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+@functools.cache
+def auto_device() -> str:
+    """What device="auto" means on this machine (SGLang's default is the GPU); logged once."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logger.info("device=auto: using %s%s", device,
+                f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else
+                " (no CUDA GPU visible)")
+    return device
 
 
 def cpu_has_native_bf16() -> bool:

@@ -114,7 +114,7 @@ class _Completer:
             model_dir = resolve_model_path(config.model_path)
             self.tokenizer = Tokenizer(model_dir)
             with self.console.status("loading the model in transformers..."):
-                self.transformers = TransformersGenerator(model_dir, self.dtype)
+                self.transformers = TransformersGenerator(model_dir, self.dtype, config.device)
         elif args.base_url:
             import httpx
 

@@ -38,6 +38,7 @@ def test_bench_offline_with_transformers_baseline_writes_consistent_record(smoll
     assert rec["total_input_tokens"] == sum(len(r.input_ids) for r in expected)
     assert rec["output_throughput"] * rec["duration"] == pytest.approx(rec["total_output_tokens"])
     assert rec["baseline"]["best_batch_size"] in (3, 6)
+    assert rec["baseline"]["device"] == rec["device"]  # the peer runs on the engine's device
     assert rec["speedup_vs_baseline"] == pytest.approx(
         rec["output_throughput"] / rec["baseline"]["output_throughput"])
     assert records[1]["total_output_tokens"] == rec["total_output_tokens"]  # same seed, same work

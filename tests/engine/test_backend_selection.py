@@ -31,7 +31,7 @@ def test_auto_on_cpu_is_unchanged():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"attention_backend": "flash"}, "attention_backend='flash' is not one of"),
-    ({"attention_backend": "flashinfer"}, "needs device='cuda'"),
+    ({"attention_backend": "flashinfer", "device": "cpu"}, "needs device='cuda'"),
     ({"attention_backend": "cpu", "device": "cuda"}, "runs on device='cpu' only"),
     ({"cuda_graph_max_bs": 0}, "cuda_graph_max_bs must be > 0"),
 ])
@@ -62,3 +62,18 @@ def test_flashinfer_pages_view_the_pool_without_a_copy():
     assert pages.shape == (7, 1, 3, 8) and pages.data_ptr() == buf.data_ptr()
     assert torch.equal(pages[:, 0], buf.transpose(0, 1))
     assert pages.stride(0) % pages.stride(1) == 0  # page stride a multiple of token stride
+
+
+def test_device_auto_is_the_default_and_resolves_once(caplog):
+    from sglbatch.engine.config import auto_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    auto_device.cache_clear()
+    with caplog.at_level("INFO", logger="sglbatch.engine.config"):
+        assert EngineConfig().device == expected
+        assert EngineConfig(device="auto").device == expected
+    logged = [r.getMessage() for r in caplog.records if "device=auto" in r.getMessage()]
+    assert len(logged) == 1 and f"using {expected}" in logged[0]
+    assert EngineConfig(device="cpu").device == "cpu"
+    with pytest.raises(ValueError, match=r"device='tpu' is not one of \['auto', 'cpu', 'cuda'\]"):
+        EngineConfig(device="tpu")

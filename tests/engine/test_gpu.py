@@ -14,7 +14,9 @@ from tests.engine.conftest import PROMPTS
 pytestmark = pytest.mark.gpu
 
 NEW_TOKENS = 16
-GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+# EOS is masked on both sides (min_new_tokens here, as in transformers below): ignore_eos
+# would keep emitting EOS wherever it is the argmax, which transformers never does.
+GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "min_new_tokens": NEW_TOKENS}
 # fp32 end to end, so any difference is a bug rather than rounding.
 CUDA_ARGS = {"device": "cuda", "dtype": "float32", "kv_cache_gb": 0.5}
 
@@ -81,7 +83,7 @@ def test_flashinfer_equals_triton(smollm2_dir):
     from tests.engine.test_attention_triton import assert_backends_agree
 
     assert_backends_agree(("triton", "flashinfer"), torch.bfloat16, 2e-2)
-    params = {**GREEDY, "max_new_tokens": 4}
+    params = {**GREEDY, "max_new_tokens": 4, "min_new_tokens": 4}
     got = {}
     for backend in ("triton", "flashinfer"):
         with Engine(model_path=str(smollm2_dir), **{**CUDA_ARGS, "dtype": "bfloat16"},
