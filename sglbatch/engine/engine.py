@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
+from sglbatch.engine.batch import Batch
 from sglbatch.engine.config import DEFAULT_MODEL, EngineConfig
+from sglbatch.engine.errors import ENGINE_ERROR_STATUS, EngineError, engine_error_in
 from sglbatch.engine.grammar import Grammar, GrammarCompiler
 from sglbatch.engine.inputs import RequestExtras, RequestInput, normalize_inputs
 from sglbatch.engine.logprobs import meta_info_fields
@@ -33,6 +35,10 @@ from sglbatch.engine.trace import trace_range
 logger = logging.getLogger(__name__)
 
 Sink = Callable[[int, dict[str, Any]], None]  # (index within the call, output dict)
+
+# A transient failure fails the step's requests and the engine goes on; this many failed
+# steps in a row (a broken device, say) stop it: every request fails, new ones are refused.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 @dataclass(eq=False)
@@ -76,6 +82,8 @@ class Engine:
         self.stats = EngineStats()
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stopped = False
+        self._consecutive_failures = 0
+        self._broken: str | None = None  # why the engine stopped serving, once it has
         self._profile: ProfileSession | None = None  # engine thread only
         self._last_trace: Path | None = None
         ready: queue.Queue[BaseException | None] = queue.Queue()
@@ -123,6 +131,7 @@ class Engine:
         while any(o is None for o in outputs):
             i, out = results.get()
             outputs[i] = out
+        _raise_engine_errors(outputs)
         return outputs if is_batch else outputs[0]
 
     async def async_generate(self, prompt: Any = None, sampling_params: Any = None,
@@ -146,6 +155,7 @@ class Engine:
         except asyncio.CancelledError:  # the caller gave up (e.g. its client disconnected)
             self._abort_all(inputs)
             raise
+        _raise_engine_errors(outputs)
         return outputs if is_batch else outputs[0]
 
     def abort(self, rid: str) -> None:
@@ -215,6 +225,8 @@ class Engine:
 
     def _normalize(self, prompt: Any, input_ids: Any, messages: Any, sampling_params: Any,
                    rid: Any, extras: dict[str, Any]) -> tuple[list[RequestInput], bool]:
+        if self._broken is not None:
+            raise EngineError(self._broken)
         if self._stopped:
             raise RuntimeError("the engine has been shut down")
         try:
@@ -263,6 +275,7 @@ class Engine:
             while remaining:
                 delta, finished = _stream_delta(results.get(), is_batch)
                 remaining -= finished
+                _raise_engine_errors([delta])
                 yield delta
         finally:
             if remaining:  # the caller stopped early: free what it no longer wants
@@ -275,6 +288,7 @@ class Engine:
             while remaining:
                 delta, finished = _stream_delta(await results.get(), is_batch)
                 remaining -= finished
+                _raise_engine_errors([delta])
                 yield delta
         finally:
             if remaining:
@@ -287,25 +301,32 @@ class Engine:
     # ---- the loop (engine thread only below this line) ---------------------------------
 
     def _loop(self) -> None:
-        while True:
-            if not self._drain_inbox(block=not self.scheduler.has_work):
-                break
-            if not self.scheduler.has_work:
-                continue
-            try:
-                self.step()
-            except Exception as e:  # a crash must fail the requests, not hang their callers
-                logger.exception("engine step failed; aborting all requests")
-                for req in self.scheduler.abort_all(f"engine error: {e!r}"):
-                    self._finish(req)
-        for req in self.scheduler.abort_all("engine shut down"):
-            self._finish(req)
-        if self._profile is not None:  # shut down mid-profile: keep what was recorded
-            try:
-                self._stop_profile()
-            except Exception:
-                logger.exception("writing the profile at shutdown failed")
-        self._stopped = True
+        """Nobody waits forever: a failed step fails the requests it touched, and if the
+        loop itself breaks, every request in flight fails before the thread ends."""
+        try:
+            while self._drain_inbox(block=not self.scheduler.has_work):
+                if not self.scheduler.has_work:
+                    continue
+                try:
+                    self.step()
+                except Exception as error:  # outside the forward: state may be half-updated
+                    logger.exception("engine step failed; failing every request in flight")
+                    self._fail_in_flight(_error_message(error))
+                    self._reset_scheduler()
+                    self._count_failure(error)
+            for req in self.scheduler.abort_all("engine shut down"):
+                self._finish(req)
+        except BaseException as error:
+            logger.exception("the engine loop failed; failing every request in flight")
+            self._broken = f"the engine stopped: {_error_message(error)}"
+            self._fail_in_flight(self._broken)
+        finally:
+            if self._profile is not None:  # shut down mid-profile: keep what was recorded
+                try:
+                    self._stop_profile()
+                except Exception:
+                    logger.exception("writing the profile at shutdown failed")
+            self._stopped = True
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued commands; False once asked to stop."""
@@ -357,6 +378,10 @@ class Engine:
         """Queue a prompt's first sample; its other samples wait for its prompt to be
         cached (see `_release_held`), so the prompt is computed once."""
         leader, followers = group[0], group[1:]
+        if self._broken is not None:  # submitted just before the engine stopped
+            for tracked in group:
+                self._send_error(tracked, self._broken)
+            return
         for tracked in group:
             self._tracked[tracked.req.rid] = tracked
         if followers:
@@ -392,7 +417,15 @@ class Engine:
             batch = self.scheduler.schedule()
         if batch is None:
             return
-        result = self.model_runner.forward_and_sample(batch)
+        try:
+            result = self.model_runner.forward_and_sample(batch)
+        except Exception as error:  # scheduler state is as schedule() left it: recoverable
+            logger.exception("engine step failed in the forward pass; failing its %d "
+                             "request(s)", len(batch.reqs))
+            self._fail_batch(batch, _error_message(error))
+            self._count_failure(error)
+            return
+        self._consecutive_failures = 0
         with trace_range("sglbatch.process_output"):
             for req in self.scheduler.process_output(batch, result):
                 self._on_token(req)
@@ -403,6 +436,57 @@ class Engine:
                 self._stop_profile()
             except Exception:  # a failed export must not fail the requests
                 logger.exception("writing the profile failed")
+
+    # ---- failures (engine thread) -------------------------------------------------------
+
+    def _fail_batch(self, batch: Batch, message: str) -> None:
+        """Fail the requests of a batch whose forward raised; the rest run on."""
+        for req in self.scheduler.fail_batch(batch):
+            self._fail_request(req.rid, message)
+
+    def _fail_in_flight(self, message: str) -> None:
+        for rid in list(self._tracked):
+            self._fail_request(rid, message)
+
+    def _fail_request(self, rid: str, message: str) -> None:
+        """Finish a request (and the samples held for it) with an engine error."""
+        tracked = self._tracked.pop(rid, None)
+        if tracked is None:
+            return
+        self._send_error(tracked, message)
+        for follower in self._held.pop(rid, []):
+            self._tracked.pop(follower.req.rid, None)
+            self._send_error(follower, message)
+
+    def _send_error(self, tracked: _Tracked, message: str) -> None:
+        # Built from plain fields only: this runs when the usual output path may be broken.
+        req = tracked.req
+        req.finish_reason = FinishReason.abort(message, ENGINE_ERROR_STATUS)
+        self.stats.on_finish(len(req.input_ids), req.cached_tokens, len(req.output_ids),
+                             time.perf_counter() - tracked.created, None, aborted=True)
+        self._deliver(tracked, {"text": "", "output_ids": [], "meta_info": {
+            "id": req.rid, "finish_reason": req.finish_reason.to_json(),
+            "prompt_tokens": len(req.input_ids), "completion_tokens": len(req.output_ids),
+            "cached_tokens": req.cached_tokens,
+            "e2e_latency": time.perf_counter() - tracked.created}})
+
+    def _reset_scheduler(self) -> None:
+        """A fresh scheduler over emptied pools, once no request holds KV any more."""
+        runner = self.model_runner
+        runner.kv_pool.free_all()
+        runner.req_to_token_pool.free_all()
+        self.scheduler = Scheduler(self.config, runner.kv_pool, runner.req_to_token_pool,
+                                   runner.model_config.eos_token_ids)
+
+    def _count_failure(self, error: Exception) -> None:
+        self._consecutive_failures += 1
+        if self._consecutive_failures < MAX_CONSECUTIVE_STEP_FAILURES:
+            return
+        self._broken = (f"the engine stopped after {self._consecutive_failures} failed steps "
+                        f"in a row (last: {_error_message(error)}); restart it")
+        logger.error("%s", self._broken)
+        self._fail_in_flight(self._broken)
+        self._reset_scheduler()
 
     def _on_token(self, req: Req) -> None:
         self._release_held(req)
@@ -454,8 +538,15 @@ class Engine:
             tracked.sent_ids = len(req.output_ids)
         else:
             text, ids = tracked.detok.text, list(req.output_ids)
-        tracked.sink(tracked.index, {"text": text, "output_ids": ids,
-                                     "meta_info": self._meta_info(tracked, sent_ids)})
+        self._deliver(tracked, {"text": text, "output_ids": ids,
+                                "meta_info": self._meta_info(tracked, sent_ids)})
+
+    @staticmethod
+    def _deliver(tracked: _Tracked, output: dict[str, Any]) -> None:
+        try:
+            tracked.sink(tracked.index, output)
+        except Exception:  # e.g. the caller's event loop is gone: its loss, nobody else's
+            logger.exception("delivering an output of %s failed", tracked.req.rid)
 
     def _meta_info(self, tracked: _Tracked, output_from: int) -> dict[str, Any]:
         req = tracked.req
@@ -484,6 +575,18 @@ def _visible_ids(req: Req, ids: list[int]) -> list[int]:
             and not req.sampling_params.no_stop_trim and ids:
         return ids[:-1]
     return ids
+
+
+def _error_message(error: BaseException) -> str:
+    return f"engine error: {type(error).__name__}: {error}"
+
+
+def _raise_engine_errors(outputs: list[dict[str, Any]]) -> None:
+    """Raise EngineError if an engine failure finished any of `outputs`."""
+    errors = [m for m in map(engine_error_in, outputs) if m is not None]
+    if errors:
+        failed = f"{len(errors)} of {len(outputs)} requests failed: " if len(outputs) > 1 else ""
+        raise EngineError(failed + errors[0])
 
 
 def _stream_delta(item: tuple[int, dict[str, Any]], is_batch: bool) -> tuple[dict[str, Any], bool]:

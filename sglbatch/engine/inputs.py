@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sglbatch.engine.chat_messages import validate_messages
 from sglbatch.engine.custom_logit_processor import load_processor
 from sglbatch.engine.logprobs import LogprobOptions
 from sglbatch.engine.request import SamplingParams
@@ -80,9 +81,7 @@ def _prompts_to_ids(tokenizer: Tokenizer, prompt: Any, input_ids: Any, messages:
     batch = _is_batch(messages, dict)
     conversations = messages if batch else [messages]
     for i, conv in enumerate(conversations):
-        if not isinstance(conv, list) or not conv or not all(isinstance(m, dict) for m in conv):
-            raise ValueError(f"messages[{i}]: expected a non-empty list of "
-                             "{'role': ..., 'content': ...} dicts")
+        validate_messages(conv, f"messages[{i}]" if batch else "messages")
     return [tokenizer.apply_chat_template(conv) for conv in conversations], batch, "messages"
 
 

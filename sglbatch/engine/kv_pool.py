@@ -28,8 +28,12 @@ class KVPool:
         self.v_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         for buf in (*self.k_buffers, *self.v_buffers):
             buf[:, 0].zero_()
-        self._free = torch.arange(1, num_slots + 1, dtype=torch.int64)
-        self._num_free = num_slots
+        self.free_all()
+
+    def free_all(self) -> None:
+        # The free list lives on the host: allocation is bookkeeping, not device work.
+        self._free = torch.arange(1, self.num_slots + 1, dtype=torch.int64, device="cpu")
+        self._num_free = self.num_slots
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
@@ -89,8 +93,11 @@ class ReqToTokenPool:
 
     def __init__(self, num_rows: int, max_context_len: int, device: str | torch.device = "cpu"):
         self.table = torch.zeros((num_rows, max_context_len), dtype=torch.int64, device=device)
-        self._free_rows = list(range(num_rows - 1, -1, -1))
         self.num_rows = num_rows
+        self.free_all()
+
+    def free_all(self) -> None:
+        self._free_rows = list(range(self.num_rows - 1, -1, -1))
 
     @property
     def num_free(self) -> int:

@@ -160,11 +160,12 @@ class FinishReason:
     """Why a request stopped; `to_json` gives SGLang's `meta_info.finish_reason` shape."""
 
     def __init__(self, kind: str, matched: int | str | None = None, length: int | None = None,
-                 message: str | None = None):
+                 message: str | None = None, status_code: int | None = None):
         self.kind = kind  # "stop" | "length" | "abort"
         self.matched = matched
         self.length = length
         self.message = message
+        self.status_code = status_code  # set on aborts the engine caused (500), as SGLang
 
     @classmethod
     def stop(cls, matched: int | str) -> FinishReason:
@@ -175,15 +176,21 @@ class FinishReason:
         return cls("length", length=length)
 
     @classmethod
-    def abort(cls, message: str) -> FinishReason:
-        return cls("abort", message=message)
+    def abort(cls, message: str, status_code: int | None = None) -> FinishReason:
+        return cls("abort", message=message, status_code=status_code)
+
+    @property
+    def is_engine_error(self) -> bool:
+        return self.kind == "abort" and (self.status_code or 0) >= 500
 
     def to_json(self) -> dict[str, Any]:
         if self.kind == "stop":
             return {"type": "stop", "matched": self.matched}
         if self.kind == "length":
             return {"type": "length", "length": self.length}
-        return {"type": "abort", "message": self.message}
+        if self.status_code is None:
+            return {"type": "abort", "message": self.message}
+        return {"type": "abort", "message": self.message, "status_code": self.status_code}
 
 
 @dataclass(eq=False)

@@ -272,6 +272,20 @@ class Scheduler:
         req.finish_reason = FinishReason.abort(message)
         return req
 
+    def fail_batch(self, batch: Batch) -> list[Req]:
+        """Drop the requests of a batch whose forward pass failed, wherever they are (an
+        admitted request is in no queue until its output is processed), and give back the
+        slots the step took: nothing was written to them."""
+        self.kv_pool.free(batch.out_cache_loc)
+        failed = {id(req) for req in batch.reqs}
+        self.waiting = deque(r for r in self.waiting if id(r) not in failed)
+        self.running = [r for r in self.running if id(r) not in failed]
+        if self.chunked_req is not None and id(self.chunked_req) in failed:
+            self.chunked_req = None
+        for req in batch.reqs:
+            self._release(req)
+        return batch.reqs
+
     def abort_all(self, message: str) -> list[Req]:
         return [self.abort(r.rid, message) for r in self._all_reqs()]
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from rich.console import Console
 
+from sglbatch.engine.chat_messages import validate_messages
+from sglbatch.engine.errors import EngineError
 from sglbatch.jobs.endpoint import EndpointClient
 from sglbatch.jobs.order import order_by_prefix
 from sglbatch.jobs.program import ProgramEngine, program_backend
@@ -95,6 +97,10 @@ class JobRunner:
             input_ids = tokenizer.encode(request)
         else:
             try:
+                validate_messages(request)
+            except ValueError as e:
+                raise RowError(str(e)) from None
+            try:
                 input_ids = tokenizer.apply_chat_template(request)
             except Exception as e:  # a template that rejects these messages
                 raise RowError(f"messages: the chat template rejected them: {e}") from e
@@ -116,7 +122,7 @@ class JobRunner:
                 try:
                     out = await self.engine.async_generate(**p.request,
                                                            sampling_params=p.sampling)
-                except ValueError as e:  # bad sampling parameters, prompt too long, ...
+                except (ValueError, EngineError) as e:  # a bad row, or a failed engine step
                     self._record_error(writer, p.row, str(e))
                     return
             self._record_result(writer, p.row, out)

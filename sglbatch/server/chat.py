@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import Request
 
+from sglbatch.engine.chat_messages import validate_messages
 from sglbatch.server.errors import APIError, bad_request
 from sglbatch.server.openai_common import (finish_reason, matched_stop, new_id, now,
                                            resolve_max_tokens, sampling_params, usage)
@@ -71,10 +72,12 @@ def _tool_plan(state: ServerState, req: ChatCompletionRequest) -> _ToolPlan | No
 
 def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     """Messages with list-of-parts content flattened to text (only text parts are served)."""
+    try:
+        validate_messages(req.messages)
+    except ValueError as e:
+        raise bad_request(e) from None
     out = []
     for i, message in enumerate(req.messages):
-        if "role" not in message:
-            raise APIError(400, f"messages[{i}]: missing `role`", f"messages[{i}].role")
         content = message.get("content")
         if isinstance(content, list):
             texts = []

@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sglbatch.engine.errors import EngineError
+
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error",
@@ -54,16 +56,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
         # FastAPI says 422; OpenAI (and SGLang's OpenAI layer) answer a bad body with 400.
         first = e.errors()[0] if e.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
             return error_response(400, f"malformed JSON body: {first.get('msg')}")
-        param = ".".join(loc) or None
+        # messages[1].content, as the engine's own errors name fields.
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}"
+                        for p in first.get("loc", ()) if p != "body").lstrip(".") or None
         return error_response(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}",
                               param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         return error_response(e.status_code, str(e.detail))
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, e: EngineError) -> JSONResponse:
+        # The engine already logged the failed step; it keeps serving other requests.
+        return error_response(500, str(e))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:

@@ -56,7 +56,7 @@ class ResponseFormat(_Strict):
 
 class ChatCompletionRequest(SamplingExtras):
     model: str | None = None
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[Any] = Field(min_length=1)  # checked by engine.chat_messages
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False

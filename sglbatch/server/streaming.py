@@ -10,6 +10,9 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from sglbatch.engine.errors import EngineError
+from sglbatch.server.errors import error_body
+
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
 _DISCONNECT_POLL_S = 0.5
@@ -21,11 +24,16 @@ def sse(payload: Any) -> str:
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     """A stream that ends with `data: [DONE]`. When the client goes away Starlette cancels
-    the iterator, and the engine's stream aborts its requests (freeing their KV)."""
+    the iterator, and the engine's stream aborts its requests (freeing their KV). An engine
+    failure mid-stream becomes a `data: {"error": ...}` event, as OpenAI-compatible servers
+    send it."""
 
     async def body() -> AsyncIterator[str]:
-        async for event in events:
-            yield event
+        try:
+            async for event in events:
+                yield event
+        except EngineError as e:  # the status line is sent: the error goes in the stream
+            yield sse(error_body(500, str(e)))
         yield DONE
 
     return StreamingResponse(body(), media_type="text/event-stream",

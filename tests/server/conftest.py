@@ -51,11 +51,13 @@ class ServerProcess:
 
 
 def start_server(tmp_dir: Path, *args: str, api_key: str | None = None,
-                 timeout: float = 180) -> ServerProcess:
-    """Start a server and wait for its "serving ... at URL" line (the socket is bound)."""
+                 timeout: float = 180, entry: tuple[str, ...] = ("-m", "sglbatch")
+                 ) -> ServerProcess:
+    """Start a server and wait for its "serving ... at URL" line (the socket is bound).
+    `entry`: what python runs in place of `-m sglbatch` (e.g. a fault-injecting script)."""
     port = free_port()
     log = tmp_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "sglbatch", "serve", "--port", str(port),
+    cmd = [sys.executable, *entry, "serve", "--port", str(port),
            "--data-dir", str(tmp_dir / "data"), *args]
     if api_key:
         cmd += ["--api-key", api_key]

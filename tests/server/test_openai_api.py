@@ -109,6 +109,31 @@ def test_completions(client, server):
     assert streamed == one.choices[0].text
 
 
+@pytest.mark.parametrize("messages,param,says", [
+    ([{"role": "wizard", "content": "Hi"}], "messages[0].role", "'wizard' is not one of"),
+    ([{"content": "Hi"}], "messages[0].role", "missing"),
+    ([{"role": "user", "content": 42}], "messages[0].content", "got int"),
+    ([{"role": "user", "content": {"text": "Hi"}}], "messages[0].content", "got dict"),
+    ([{"role": "user", "content": [{"text": "Hi"}]}], "messages[0].content[0]", "content part"),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user"}], "messages[1].content",
+     "missing"),
+    ([{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}],
+     "messages[1].tool_call_id", "needs the id"),
+    (["Hi"], "messages[0]", "expected an object"),
+])
+def test_bad_chat_messages_are_400s_naming_the_field(client, messages, param, says):
+    model = client.models.list().data[0].id
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=4)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == param and says in e.value.body["message"]
+    # The server keeps serving; developer and tool messages of the right shape pass.
+    ok = client.chat.completions.create(model=model, max_tokens=2, messages=[
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    assert ok.choices[0].message.content is not None
+
+
 def test_errors(client, server):
     model = client.models.list().data[0].id
     with pytest.raises(openai.NotFoundError) as e:
