@@ -108,7 +108,8 @@ def _run_transformers(console: Any, model_dir: Path, dtype: Any, device: Any,
         per_batch[bs] = tokens / seconds
         console.print(f"transformers generate, batch {bs}: {per_batch[bs]:.1f} output tok/s")
     best = max(per_batch, key=per_batch.get)
-    return {"name": "transformers", "device": str(generator.model.device), "best_batch_size": best,
+    return {"name": "transformers", "device": str(generator.model.device),
+            "best_batch_size": best,
             "output_throughput": per_batch[best], "output_throughput_by_batch_size": per_batch}
 
 

@@ -158,7 +158,8 @@ class ModelRunner:
         # In pieces: each row's fp32 logprobs over the vocabulary take ~200 KB.
         for piece in range(0, len(rows), _LOGPROB_ROWS):
             sel = slice(piece, piece + _LOGPROB_ROWS)
-            logits = self.model.compute_logits(hidden[torch.tensor(rows[sel], device=hidden.device)]).float()
+            index = torch.tensor(rows[sel], device=hidden.device)
+            logits = self.model.compute_logits(hidden[index]).float()
             steps = gather_step_logprobs(torch.log_softmax(logits, dim=-1),
                                          torch.tensor(targets[sel], device=self.device),
                                          [batch.reqs[i].logprob_options for i in owners[sel]])

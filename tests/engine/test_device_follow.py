@@ -8,7 +8,6 @@ import asyncio
 import json
 
 import pytest
-import torch
 
 from sglbatch import CustomLogitProcessor
 from tests.device_follow import DeviceCheck, assert_all_named, checked

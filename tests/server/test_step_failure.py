@@ -1,6 +1,7 @@
 """A real `sglbatch serve` whose forward pass fails for some requests (`python -m
-tests.fault_injection serve` from the repo root): each of those gets a 500 JSON error, in a stream an error event, and the
-server keeps serving everyone else, through the official openai client too."""
+tests.fault_injection serve` from the repo root): each of those gets a 500 JSON error, in a
+stream an error event, and the server keeps serving everyone else, through the official
+openai client too."""
 
 from __future__ import annotations
 

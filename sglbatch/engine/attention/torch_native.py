@@ -67,7 +67,8 @@ def _shared_prefixes(rows: torch.Tensor, seq_lens: list[int]) -> tuple[list[_Sha
             continue
         for b in members:
             prefix_lens[b] = length
-        shared.append(_SharedPrefix(torch.tensor(members, device=rows.device), KVPool.as_span(sub[0, :length])))
+        shared.append(_SharedPrefix(torch.tensor(members, device=rows.device),
+                                    KVPool.as_span(sub[0, :length])))
     return shared, prefix_lens
 
 
@@ -94,7 +95,8 @@ class TorchNativeBackend(AttentionBackend):
         padded = int(suffix_lens.max()) * len(suffix_lens)
         if len(suffix_lens) <= DECODE_BUCKET or \
                 padded * (1 - MAX_PADDING_WASTE) <= int(suffix_lens.sum()):
-            groups = [torch.arange(len(suffix_lens), device=device)]  # batch order: no scatter back needed
+            # Batch order: no scatter back needed.
+            groups = [torch.arange(len(suffix_lens), device=device)]
         else:
             groups = list(torch.argsort(suffix_lens).split(DECODE_BUCKET))
         buckets = []
