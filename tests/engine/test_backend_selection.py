@@ -77,3 +77,19 @@ def test_device_auto_is_the_default_and_resolves_once(caplog):
     assert EngineConfig(device="cpu").device == "cpu"
     with pytest.raises(ValueError, match=r"device='tpu' is not one of \['auto', 'cpu', 'cuda'\]"):
         EngineConfig(device="tpu")
+
+
+def test_a_lock_left_by_a_killed_kernel_build_is_removed_not_waited_on_forever(tmp_path):
+    import os
+    import time
+
+    lock = tmp_path / "lock"
+    assert not cpu_kernels.clear_stale_lock(tmp_path)  # no build, no lock
+    lock.touch()
+    old = time.time() - cpu_kernels.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert cpu_kernels.clear_stale_lock(tmp_path) and not lock.exists()
+    lock.touch()  # young: waited on while a build could hold it, then cleared
+    start = time.monotonic()
+    assert cpu_kernels.clear_stale_lock(tmp_path, max_age_s=0.5) and not lock.exists()
+    assert time.monotonic() - start >= 0.3

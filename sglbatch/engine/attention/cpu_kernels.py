@@ -11,6 +11,7 @@ import functools
 import hashlib
 import logging
 import platform
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -23,6 +24,8 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 # fast-math lets the exp loop vectorize; the kernel never relies on inf or NaN arithmetic.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
+# A build takes ~30 s here; a lock file this old was left by a build that was killed.
+STALE_LOCK_S = 180.0
 
 
 def _cpu_flags() -> str:
@@ -43,12 +46,32 @@ def _build_dir() -> Path:
     return path
 
 
+def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """torch's extension builder waits, with no time limit, for the lock file a build holds;
+    a build that was killed leaves it behind, and every later start would hang. Wait while
+    the lock is young enough to belong to a running build; once it is older than any build
+    takes, it is a leftover: removed (True). False if there is (or is soon) no lock."""
+    lock = build_dir / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if age >= max_age_s:
+            break
+        time.sleep(min(1.0, max_age_s - age))
+    logger.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @functools.cache
 def load() -> ModuleType | None:
     """The compiled kernel module, or None (logged once) if it cannot be built here."""
     from torch.utils import cpp_extension
 
     build_dir = _build_dir()
+    clear_stale_lock(build_dir)
     if not any(build_dir.glob("*.so")):
         logger.info("compiling the CPU attention kernel into %s (once, ~30 s)", build_dir)
     try:
