@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -11,25 +10,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sglbatch.config_flags import add_dataclass_args, dataclass_kwargs
 from sglbatch.engine.config import EngineConfig
+from sglbatch.server.args import ServerArgs
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineConfig field, defaults and help written once, in the dataclass."""
-    group = parser.add_argument_group("engine")
-    for f in dataclasses.fields(EngineConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if f.type == "bool":
-            group.add_argument(flag, action="store_true", dest=f.name, help=help_text)
-            continue
-        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-        group.add_argument(flag, type=kind, default=f.default, dest=f.name,
-                           help=f"{help_text} (default: {f.default})")
+    add_dataclass_args(parser, EngineConfig, "engine")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)}
+    return dataclass_kwargs(args, EngineConfig)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -63,11 +54,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from sglbatch.server.launch import serve
-    from sglbatch.server.state import ServerArgs
 
-    server_args = ServerArgs(**{f.name: getattr(args, f.name)
-                                for f in dataclasses.fields(ServerArgs)})
-    serve(server_args, engine_kwargs(args))
+    serve(ServerArgs(**dataclass_kwargs(args, ServerArgs)), engine_kwargs(args))
     return 0
 
 
@@ -168,25 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "/metrics, ...) and the OpenAI API (/v1/chat/completions, /v1/completions, "
                     "/v1/embeddings, /v1/files, /v1/batches) until SIGINT/SIGTERM, which let "
                     "running requests finish. Prints the URL once it accepts connections.")
-    serve.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=30000, help="(default: 30000)")
-    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route "
-                       "but /health")
-    serve.add_argument("--served-model-name", help="the model's name in the API "
-                       "(default: --model-path)")
-    serve.add_argument("--chat-template", help="a Jinja chat template (file or text) "
-                       "instead of the tokenizer's")
-    serve.add_argument("--tool-call-parser", default="qwen25",
-                       help="how tool calls in the output are written: qwen25 | llama3 "
-                            "(default: qwen25)")
-    serve.add_argument("--data-dir", default="sglbatch-data",
-                       help="where /v1/files and /v1/batches keep their files and state "
-                            "(default: ./sglbatch-data)")
-    serve.add_argument("--max-upload-mb", type=float, default=512.0,
-                       help="largest accepted file upload (default: 512)")
-    serve.add_argument("--is-embedding", action="store_true",
-                       help="serve an embedding model (/v1/embeddings, /encode), e.g. "
-                            "--model-path all-minilm-l6-v2")
+    add_dataclass_args(serve, ServerArgs, "server")
     add_engine_args(serve)
     serve.set_defaults(func=_cmd_serve)
 

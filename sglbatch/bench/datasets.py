@@ -111,7 +111,7 @@ def sharegpt_requests(tokenizer: Tokenizer, num_prompts: int, context_len: int,
 def gsm8k_requests(tokenizer: Tokenizer, data_path: str | None, num_prompts: int,
                    num_shots: int, output_len: int) -> list[BenchRequest]:
     """k-shot GSM8K test questions sharing one few-shot prefix, stopping at "Question"."""
-    from sglbatch.eval.gsm8k import STOP, few_shot_prefix, load_gsm8k, question_prompt
+    from sglbatch.bench.gsm8k import STOP, few_shot_prefix, load_gsm8k, question_prompt
 
     prefix = few_shot_prefix(load_gsm8k("train", data_path), num_shots)
     test = load_gsm8k("test", data_path)[:num_prompts]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sglbatch.eval.completers import Completion
-from sglbatch.eval.gsm8k import (
+from sglbatch.bench.gsm8k import (
     INVALID,
     STOP,
     answer_value,

@@ -23,7 +23,7 @@ _TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "cached_tokens")
 
 def load_program(spec: str) -> Any:
     """The `@sgl.function` named by 'path/to/module.py:function'."""
-    from sglbatch.lang.ir import SglFunction
+    from sglbatch.lang.function import SglFunction
 
     path, name = spec.rsplit(":", 1)
     module_name = "sglbatch_job_" + hashlib.sha1(path.encode()).hexdigest()[:12]

@@ -54,8 +54,9 @@ from sglbatch.lang.choices import (
     token_length_normalized,
     unconditional_likelihood_normalized,
 )
+from sglbatch.lang.function import SglFunction
 from sglbatch.lang.global_config import global_config
-from sglbatch.lang.ir import SglFunction, SglSamplingParams
+from sglbatch.lang.ir import SglSamplingParams
 
 # name -> (module, attribute), imported on first access.
 _LAZY = {

@@ -7,11 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 from sglbatch.lang.choices import ChoicesSamplingMethod, token_length_normalized
+from sglbatch.lang.function import SglFunction
 from sglbatch.lang.global_config import global_config
 from sglbatch.lang.ir import (
     SglExpr,
     SglExprList,
-    SglFunction,
     SglGen,
     SglImage,
     SglRoleBegin,

@@ -29,7 +29,6 @@ import sys
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -37,10 +36,6 @@ from typing import Any
 
 from sglbatch.lang.global_config import global_config
 from sglbatch.lang.ir import (
-    REGEX_BOOL,
-    REGEX_FLOAT,
-    REGEX_INT,
-    REGEX_STR,
     SglCommitLazy,
     SglConcateAndAppend,
     SglConstantText,
@@ -50,7 +45,6 @@ from sglbatch.lang.ir import (
     SglImage,
     SglRoleBegin,
     SglRoleEnd,
-    SglSamplingParams,
     SglSelect,
     SglSeparateReasoning,
     SglVariable,
@@ -365,35 +359,6 @@ def _merge_stream_meta_info(pending: dict | None, meta_info: dict) -> dict:
         if key in meta_info or key in pending:
             merged[key] = list(pending.get(key) or []) + list(meta_info.get(key) or [])
     return merged
-
-
-def handle_dtype_to_regex(sampling_params: SglSamplingParams) -> None:
-    """gen(dtype=...) -> the regex SGLang's RuntimeEndpoint sends (int and float
-    also stop at a space or newline). In place."""
-    dtype = sampling_params.dtype
-    if dtype is None:
-        return
-    stop = sampling_params.stop
-    stop = [] if not stop else ([stop] if isinstance(stop, str) else list(stop))
-    if dtype in ("int", int):
-        regex = REGEX_INT
-        stop.extend([" ", "\n"])
-    elif dtype in ("float", float):
-        regex = REGEX_FLOAT
-        stop.extend([" ", "\n"])
-    elif dtype in ("str", str):
-        regex = REGEX_STR
-    elif dtype in ("bool", bool):
-        regex = REGEX_BOOL
-    else:
-        raise RuntimeError(f"Invalid dtype: {dtype}")
-    if sampling_params.regex is not None:
-        warnings.warn(
-            f"Both dtype and regex are set. Only dtype will be used. dtype: {dtype}, "
-            f"regex: {sampling_params.regex}"
-        )
-    sampling_params.stop = stop
-    sampling_params.regex = regex
 
 
 # --------------------------------------------------------------------------------------

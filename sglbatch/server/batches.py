@@ -30,23 +30,22 @@ import logging
 import os
 import re
 import shutil
-import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel
 
-from sglbatch.server import files
+from sglbatch.server import file_storage
 from sglbatch.server.errors import APIError, error_body
-from sglbatch.server.openai_api import BATCH_ENDPOINTS, dispatch
+from sglbatch.server.file_storage import BATCH_ENDPOINTS
+from sglbatch.server.openai_api import dispatch
 from sglbatch.server.state import ServerState
+from sglbatch.server.store import ACTIVE, Store
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,250 +53,9 @@ T = TypeVar("T")
 BATCH_ID = re.compile(r"batch_[0-9a-f]{32}")
 MAX_IN_FLIGHT = 64
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 _MAX_VALIDATION_ERRORS = 20
 _READ_BLOCK = 256  # input lines parsed per thread hop
 _SHUTDOWN_GRACE_S = 10.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    filename TEXT NOT NULL,
-    purpose TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS batches (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    endpoint TEXT NOT NULL,
-    input_file_id TEXT NOT NULL,
-    completion_window TEXT NOT NULL,
-    status TEXT NOT NULL,
-    outcome TEXT,                -- completed | expired, fixed when finalizing starts
-    model TEXT,
-    output_file_id TEXT,
-    error_file_id TEXT,
-    pending_output_id TEXT,      -- the ids the output/error files will get
-    pending_error_id TEXT,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    in_progress_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER,
-    expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
-    total INTEGER NOT NULL DEFAULT 0,
-    completed INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    input_tokens INTEGER NOT NULL DEFAULT 0,
-    cached_tokens INTEGER NOT NULL DEFAULT 0,
-    output_tokens INTEGER NOT NULL DEFAULT 0,
-    metadata TEXT,
-    errors TEXT
-);
-CREATE INDEX IF NOT EXISTS batches_status ON batches(status);
-CREATE TABLE IF NOT EXISTS batch_results (
-    batch_id TEXT NOT NULL,
-    custom_id TEXT NOT NULL,
-    line INTEGER NOT NULL,
-    ok INTEGER NOT NULL,
-    record TEXT NOT NULL,
-    PRIMARY KEY (batch_id, custom_id)
-) WITHOUT ROWID;
-"""
-
-
-# ---- the store ---------------------------------------------------------------------------
-
-class Store:
-    """SQLite in WAL mode. Every statement runs on one dedicated thread (`call`), so the event
-    loop never waits on disk and transactions never interleave."""
-
-    def __init__(self, data_dir: Path):
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = data_dir / "state.sqlite3"
-        self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute("PRAGMA busy_timeout=5000")
-        self.conn.executescript(_SCHEMA)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sglbatch-db")
-
-    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, partial(fn, *args, **kwargs))
-
-    def close(self) -> None:
-        self._executor.submit(self.conn.close).result()
-        self._executor.shutdown(wait=True)
-
-    def _tx(self) -> Any:
-        return _Transaction(self.conn)
-
-    def _one(self, sql: str, *args: Any) -> dict[str, Any] | None:
-        row = self.conn.execute(sql, args).fetchone()
-        return dict(row) if row is not None else None
-
-    # files
-    def insert_file(self, row: dict[str, Any]) -> None:
-        with self._tx():
-            self.conn.execute("INSERT INTO files (id, bytes, created_at, filename, purpose) "
-                              "VALUES (:id, :bytes, :created_at, :filename, :purpose)", row)
-
-    def get_file(self, file_id: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM files WHERE id = ?", file_id)
-
-    def list_files(self, purpose: str | None, limit: int, order: str,
-                   after: str | None) -> tuple[list[dict[str, Any]], bool]:
-        where, args = [], []
-        if purpose is not None:
-            where.append("purpose = ?")
-            args.append(purpose)
-        if after is not None:
-            cursor = self._one("SELECT seq FROM files WHERE id = ?", after)
-            if cursor is not None:
-                where.append("seq < ?" if order == "desc" else "seq > ?")
-                args.append(cursor["seq"])
-        sql = ("SELECT * FROM files" + (" WHERE " + " AND ".join(where) if where else "")
-               + f" ORDER BY seq {'DESC' if order == 'desc' else 'ASC'} LIMIT ?")
-        rows = [dict(r) for r in self.conn.execute(sql, (*args, limit + 1))]
-        return rows[:limit], len(rows) > limit
-
-    def delete_file(self, file_id: str) -> None:
-        with self._tx():
-            self.conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
-
-    def file_ids(self) -> set[str]:
-        ids = {r[0] for r in self.conn.execute("SELECT id FROM files")}
-        for r in self.conn.execute("SELECT pending_output_id, pending_error_id FROM batches "
-                                   "WHERE status IN ('finalizing', 'cancelling')"):
-            ids.update(x for x in r if x)
-        return ids
-
-    # batches
-    def insert_batch(self, row: dict[str, Any]) -> None:
-        cols = ", ".join(row)
-        with self._tx():
-            self.conn.execute(f"INSERT INTO batches ({cols}) VALUES "
-                              f"({', '.join(':' + c for c in row)})", row)
-
-    def get_batch(self, batch_id: str) -> dict[str, Any] | None:
-        return self._one("SELECT * FROM batches WHERE id = ?", batch_id)
-
-    def list_batches(self, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
-        cursor = self._one("SELECT seq FROM batches WHERE id = ?", after) if after else None
-        if cursor is not None:
-            rows = self.conn.execute("SELECT * FROM batches WHERE seq < ? ORDER BY seq DESC "
-                                     "LIMIT ?", (cursor["seq"], limit + 1))
-        else:
-            rows = self.conn.execute("SELECT * FROM batches ORDER BY seq DESC LIMIT ?",
-                                     (limit + 1,))
-        out = [dict(r) for r in rows]
-        return out[:limit], len(out) > limit
-
-    def active_batches(self) -> list[dict[str, Any]]:
-        marks = ", ".join("?" * len(ACTIVE))
-        return [dict(r) for r in self.conn.execute(
-            f"SELECT * FROM batches WHERE status IN ({marks}) ORDER BY seq", ACTIVE)]
-
-    def batch_ids(self) -> dict[str, str]:
-        return {r[0]: r[1] for r in self.conn.execute("SELECT id, status FROM batches")}
-
-    def transition(self, batch_id: str, old: tuple[str, ...], new: str,
-                   **fields: Any) -> dict[str, Any] | None:
-        """Compare-and-set: move to `new` only from one of `old`; the updated row or None."""
-        fields[f"{new}_at"] = int(time.time())
-        sets = ", ".join(f"{k} = :{k}" for k in fields)
-        marks = ", ".join(f":old{i}" for i in range(len(old)))
-        args = {**fields, "id": batch_id, "new": new, **{f"old{i}": s for i, s in enumerate(old)}}
-        with self._tx():
-            changed = self.conn.execute(
-                f"UPDATE batches SET status = :new, {sets} WHERE id = :id AND status IN "
-                f"({marks})", args).rowcount
-        return self.get_batch(batch_id) if changed else None
-
-    def done_custom_ids(self, batch_id: str) -> set[str]:
-        return {r[0] for r in self.conn.execute(
-            "SELECT custom_id FROM batch_results WHERE batch_id = ?", (batch_id,))}
-
-    def record_results(self, batch_id: str, results: list[dict[str, Any]]) -> None:
-        """Results and the counters they move, in one durable transaction."""
-        ok = failed = tokens_in = cached = tokens_out = 0
-        with self._tx():
-            for r in results:
-                inserted = self.conn.execute(
-                    "INSERT OR IGNORE INTO batch_results (batch_id, custom_id, line, ok, record) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (batch_id, r["custom_id"], r["line"], r["ok"], r["record"])).rowcount
-                if not inserted:
-                    continue
-                ok += r["ok"]
-                failed += not r["ok"]
-                tokens_in += r["usage"][0]
-                cached += r["usage"][1]
-                tokens_out += r["usage"][2]
-            self.conn.execute(
-                "UPDATE batches SET completed = completed + ?, failed = failed + ?, "
-                "input_tokens = input_tokens + ?, cached_tokens = cached_tokens + ?, "
-                "output_tokens = output_tokens + ? WHERE id = ?",
-                (ok, failed, tokens_in, cached, tokens_out, batch_id))
-
-    def fix_output_ids(self, batch_id: str) -> dict[str, Any]:
-        with self._tx():
-            self.conn.execute(
-                "UPDATE batches SET pending_output_id = coalesce(pending_output_id, ?), "
-                "pending_error_id = coalesce(pending_error_id, ?) WHERE id = ?",
-                (files.new_file_id(), files.new_file_id(), batch_id))
-        return self.get_batch(batch_id)
-
-    def write_outputs(self, batch: dict[str, Any], data_dir: Path,
-                      unexecuted: list[str] | None) -> tuple[int, int]:
-        """Write the output and error files (temp names) from the batch's results in input
-        order; `unexecuted` lines (expired batches) go to the error file. Their sizes."""
-        out_tmp, err_tmp = (files.files_dir(data_dir) / f".{batch[k]}.part"
-                            for k in ("pending_output_id", "pending_error_id"))
-        with out_tmp.open("wb") as out, err_tmp.open("wb") as err:
-            for ok, record in self.conn.execute(
-                    "SELECT ok, record FROM batch_results WHERE batch_id = ? ORDER BY line",
-                    (batch["id"],)):
-                (out if ok else err).write(record.encode("utf-8") + b"\n")
-            for record in unexecuted or ():
-                err.write(record.encode("utf-8") + b"\n")
-            return out.tell(), err.tell()
-
-    def finish(self, batch: dict[str, Any], status: str, outputs: dict[str, int]) -> None:
-        """Register the output files, set the final status, drop the per-request rows."""
-        now = int(time.time())
-        with self._tx():
-            ids = {}
-            for key, purpose_id, kind in (("output_file_id", "pending_output_id", "output"),
-                                          ("error_file_id", "pending_error_id", "error")):
-                file_id = batch[purpose_id]
-                ids[key] = file_id if file_id in outputs else None
-                if ids[key]:
-                    self.conn.execute(
-                        "INSERT OR IGNORE INTO files (id, bytes, created_at, filename, purpose)"
-                        " VALUES (?, ?, ?, ?, 'batch_output')",
-                        (file_id, outputs[file_id], now, f"{batch['id']}_{kind}.jsonl"))
-            self.conn.execute(
-                f"UPDATE batches SET status = ?, {status}_at = ?, output_file_id = ?, "
-                "error_file_id = ? WHERE id = ?",
-                (status, now, ids["output_file_id"], ids["error_file_id"], batch["id"]))
-            self.conn.execute("DELETE FROM batch_results WHERE batch_id = ?", (batch["id"],))
-
-
-class _Transaction:
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-
-# ---- objects -----------------------------------------------------------------------------
 
 def batch_object(row: dict[str, Any]) -> dict[str, Any]:
     errors = json.loads(row["errors"]) if row["errors"] else None
@@ -371,13 +129,13 @@ class _Writer:
 
 
 class BatchRunner:
-    def __init__(self, state: ServerState):
+    def __init__(self, state: ServerState, store: Store):
         self.state = state
         self.data_dir = Path(state.args.data_dir)
-        files.files_dir(self.data_dir).mkdir(parents=True, exist_ok=True)
+        file_storage.files_dir(self.data_dir).mkdir(parents=True, exist_ok=True)
         self.inputs_dir = self.data_dir / "batches"
         self.inputs_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(self.data_dir)
+        self.store = store
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancels: dict[str, asyncio.Event] = {}
         self._window: asyncio.Semaphore | None = None
@@ -408,14 +166,13 @@ class BatchRunner:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        self.store.close()
 
     def _clean_up(self) -> None:
         """Runs before any batch resumes: drop temp files, files no row names (a crash between
         writing and registering), and inputs of batches that are over."""
         known = self.store.file_ids()
-        for path in files.files_dir(self.data_dir).iterdir():
-            if path.name.endswith(".part") or (files.FILE_ID.fullmatch(path.name)
+        for path in file_storage.files_dir(self.data_dir).iterdir():
+            if path.name.endswith(".part") or (file_storage.FILE_ID.fullmatch(path.name)
                                                and path.name not in known):
                 path.unlink(missing_ok=True)
         statuses = self.store.batch_ids()
@@ -469,7 +226,7 @@ class BatchRunner:
     async def _validate(self, batch: dict[str, Any]) -> dict[str, Any]:
         store, batch_id = self.store, batch["id"]
         count, model, problems = await asyncio.to_thread(
-            files.check_batch_file, self.input_path(batch_id), batch["endpoint"],
+            file_storage.check_batch_file, self.input_path(batch_id), batch["endpoint"],
             _MAX_VALIDATION_ERRORS)
         if problems or count == 0:
             data = [{"code": "invalid_request", "message": e.message, "param": e.param,
@@ -573,10 +330,10 @@ class BatchRunner:
         outputs = {}
         for file_id, size in zip((batch["pending_output_id"], batch["pending_error_id"]), sizes,
                                  strict=True):
-            tmp = files.files_dir(self.data_dir) / f".{file_id}.part"
+            tmp = file_storage.files_dir(self.data_dir) / f".{file_id}.part"
             if size:
-                await asyncio.to_thread(files.publish, tmp,
-                                        files.file_path(self.data_dir, file_id))
+                await asyncio.to_thread(file_storage.publish, tmp,
+                                        file_storage.file_path(self.data_dir, file_id))
                 outputs[file_id] = size
             else:
                 tmp.unlink(missing_ok=True)
@@ -586,7 +343,7 @@ class BatchRunner:
 
     def _unexecuted(self, batch_id: str, done: set[str]) -> list[str]:
         return [_expired_record(obj["custom_id"])
-                for _, obj in files.iter_requests(self.input_path(batch_id))
+                for _, obj in file_storage.iter_requests(self.input_path(batch_id))
                 if obj["custom_id"] not in done]
 
 
@@ -601,7 +358,7 @@ async def _first_set(*events: asyncio.Event) -> None:
 
 def _read_blocks(path: Path) -> Iterator[list[tuple[int, str, dict[str, Any]]]]:
     block = []
-    for line, obj in files.iter_requests(path):
+    for line, obj in file_storage.iter_requests(path):
         block.append((line, obj["custom_id"], obj["body"]))
         if len(block) >= _READ_BLOCK:
             yield block
@@ -610,24 +367,20 @@ def _read_blocks(path: Path) -> Iterator[list[tuple[int, str, dict[str, Any]]]]:
         yield block
 
 
-def runner_for(state: ServerState) -> BatchRunner:
-    """The server's runner (and store), made on first use."""
-    if state.batches is None:
-        state.batches = BatchRunner(state)
-    return state.batches
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start the runner with the server (resuming unfinished batches), stop it at shutdown."""
-    state = app.state.sglbatch
-    runner = runner_for(state)
-    await runner.start()
+    """Open the store and start the runner with the server (resuming unfinished batches);
+    stop and close them at shutdown."""
+    state: ServerState = app.state.sglbatch
+    state.store = Store(Path(state.args.data_dir))
+    state.batches = BatchRunner(state, state.store)
+    await state.batches.start()
     try:
         yield
     finally:
-        await runner.stop()
-        state.batches = None  # its store is closed; a later start opens a new one
+        await state.batches.stop()
+        state.store.close()
+        state.batches = state.store = None  # a later start opens them again
 
 
 # ---- routes ------------------------------------------------------------------------------
@@ -646,21 +399,16 @@ def _link_input(source: Path, dest: Path) -> None:
     except OSError:  # no hard links here: a copy
         tmp = dest.with_suffix(".part")
         shutil.copyfile(source, tmp)
-        files.publish(tmp, dest)
+        file_storage.publish(tmp, dest)
         return
-    files.fsync_dir(dest.parent)
+    file_storage.fsync_dir(dest.parent)
 
 
 def build_router(state: ServerState) -> APIRouter:
     router = APIRouter(prefix="/v1")
 
-    async def db(method: str, *args: Any) -> Any:
-        """A store call; the store opens on first use (or at startup), not when routing."""
-        store = runner_for(state).store
-        return await store.call(getattr(store, method), *args)
-
     async def lookup(batch_id: str) -> dict[str, Any]:
-        row = (await db("get_batch", batch_id)
+        row = (await state.call_store(Store.get_batch, batch_id)
                if BATCH_ID.fullmatch(batch_id) else None)
         if row is None:
             raise APIError(404, f"No such Batch object: {batch_id}", "id")
@@ -668,7 +416,7 @@ def build_router(state: ServerState) -> APIRouter:
 
     @router.post("/batches")
     async def create(req: BatchCreateRequest) -> dict[str, Any]:
-        runner = runner_for(state)
+        runner = state.require_batches()
         if req.endpoint not in BATCH_ENDPOINTS:
             raise APIError(400, f"endpoint: {req.endpoint!r} is not supported; use one of "
                                 f"{list(BATCH_ENDPOINTS)}", "endpoint")
@@ -686,8 +434,8 @@ def build_router(state: ServerState) -> APIRouter:
             raise APIError(400, "metadata: at most 16 pairs, keys up to 64 and values up to "
                                 "512 characters", "metadata")
         file_id = req.input_file_id
-        row = (await db("get_file", file_id)
-               if files.FILE_ID.fullmatch(file_id) else None)
+        row = (await state.call_store(Store.get_file, file_id)
+               if file_storage.FILE_ID.fullmatch(file_id) else None)
         if row is None:
             raise APIError(404, f"No such File object: {file_id}", "input_file_id")
         if row["purpose"] != "batch":
@@ -695,24 +443,24 @@ def build_router(state: ServerState) -> APIRouter:
                                 "not \"batch\"", "input_file_id")
         batch_id = f"batch_{uuid.uuid4().hex}"
         try:
-            await asyncio.to_thread(_link_input, files.file_path(runner.data_dir, file_id),
+            await asyncio.to_thread(_link_input, file_storage.file_path(runner.data_dir, file_id),
                                     runner.input_path(batch_id))
         except FileNotFoundError:  # deleted a moment ago
             raise APIError(404, f"No such File object: {file_id}", "input_file_id") from None
         now = int(time.time())
-        await db("insert_batch", {
+        await state.call_store(Store.insert_batch, {
             "id": batch_id, "endpoint": req.endpoint, "input_file_id": file_id,
             "completion_window": req.completion_window, "status": "validating",
             "created_at": now, "expires_at": now + COMPLETION_WINDOWS[req.completion_window],
             "metadata": json.dumps(meta) if meta is not None else None})
         runner.submit(batch_id)
-        return batch_object(await db("get_batch", batch_id))
+        return batch_object(await state.call_store(Store.get_batch, batch_id))
 
     @router.get("/batches")
     async def list_batches(limit: int = 20, after: str | None = None) -> dict[str, Any]:
         if not 1 <= limit <= 100:
             raise APIError(400, "limit: must be between 1 and 100", "limit")
-        rows, has_more = await db("list_batches", limit, after)
+        rows, has_more = await state.call_store(Store.list_batches, limit, after)
         data = [batch_object(r) for r in rows]
         return {"object": "list", "data": data, "has_more": has_more,
                 "first_id": data[0]["id"] if data else None,
@@ -727,7 +475,7 @@ def build_router(state: ServerState) -> APIRouter:
         row = await lookup(batch_id)
         if row["status"] in ("cancelling", "cancelled"):
             return batch_object(row)
-        moved = await db("transition", row["id"], ("validating", "in_progress"),
+        moved = await state.call_store(Store.transition, row["id"], ("validating", "in_progress"),
                                  "cancelling")
         if moved is None:
             row = await lookup(batch_id)
@@ -735,7 +483,7 @@ def build_router(state: ServerState) -> APIRouter:
                 return batch_object(row)
             raise APIError(409, f"Cannot cancel a batch with status {row['status']!r}.",
                            None, "batch_not_cancellable")
-        runner = runner_for(state)
+        runner = state.require_batches()
         runner.cancel(row["id"])
         runner.submit(row["id"])  # a no-op while its task runs; else that finishes the cancel
         return batch_object(moved)

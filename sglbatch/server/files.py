@@ -1,8 +1,8 @@
 """OpenAI's Files API (/v1/files) for batch input and output files.
 
-Contents live under `<data_dir>/files/<id>`; their metadata is in the SQLite store of
-`sglbatch.server.batches`. Ids are checked against a strict pattern before any path is built
-from them, so no id reaches outside that folder. Uploads are parsed from the request stream
+Contents live under `<data_dir>/files/<id>` (see file_storage); their metadata is in the
+server's SQLite store (`sglbatch.server.store`). Ids are checked against a strict pattern
+before any path is built from them, so no id reaches outside that folder. Uploads are parsed from the request stream
 and written to disk as they arrive (never held in memory), cut off at --max-upload-mb (413),
 fsynced, and a batch file's JSONL is validated before the file becomes visible.
 """
@@ -10,11 +10,7 @@ fsynced, and a batch file's JSONL is validated before the file becomes visible.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import re
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,130 +21,23 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from sglbatch.server.errors import APIError
-from sglbatch.server.openai_api import BATCH_ENDPOINTS
+from sglbatch.server.file_storage import (
+    FILE_ID,
+    check_batch_file,
+    file_object,
+    file_path,
+    files_dir,
+    new_file_id,
+    publish,
+)
 from sglbatch.server.state import ServerState
+from sglbatch.server.store import Store
 
-FILE_ID = re.compile(r"file-[0-9a-f]{32}")
 UPLOAD_PURPOSES = ("batch",)  # what clients may upload; outputs get "batch_output"
 _CHUNK = 1 << 16
 _MAX_FIELD_BYTES = 1024  # `purpose` and any other plain form field
 _MAX_FIELDS = 16
 _DRAIN_BEYOND_LIMIT = 64 << 20  # read (and drop) this much past the limit, then hang up
-
-
-def new_file_id() -> str:
-    return f"file-{uuid.uuid4().hex}"
-
-
-def files_dir(data_dir: str | Path) -> Path:
-    return Path(data_dir) / "files"
-
-
-def file_path(data_dir: str | Path, file_id: str) -> Path:
-    """The path of a stored file; only well-formed ids ever become paths."""
-    if not FILE_ID.fullmatch(file_id):
-        raise ValueError(f"not a file id: {file_id!r}")
-    return files_dir(data_dir) / file_id
-
-
-def file_object(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "object": "file", "bytes": row["bytes"],
-            "created_at": row["created_at"], "filename": row["filename"],
-            "purpose": row["purpose"], "status": "processed", "expires_at": None,
-            "status_details": None}
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Make a fully written temp file durable under its final name."""
-    with tmp.open("rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fsync_dir(final.parent)
-
-
-# ---- batch input files (JSONL) -----------------------------------------------------------
-
-class BatchLineError(ValueError):
-    def __init__(self, line: int, message: str, param: str | None = None):
-        super().__init__(f"line {line}: {message}")
-        self.line, self.message, self.param = line, message, param
-
-
-def parse_request_line(raw: bytes, line: int) -> dict[str, Any] | None:
-    """One JSONL line of a batch file as its request object (None for a blank line)."""
-    if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    if not raw.strip():
-        return None
-    try:
-        obj = json.loads(raw)
-    except UnicodeDecodeError:
-        raise BatchLineError(line, "not valid UTF-8") from None
-    except ValueError as e:
-        raise BatchLineError(line, f"not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise BatchLineError(line, "each line must be a JSON object")
-    custom_id = obj.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        raise BatchLineError(line, "`custom_id` must be a non-empty string", "custom_id")
-    if obj.get("method") != "POST":
-        raise BatchLineError(line, f"`method` must be \"POST\", got {obj.get('method')!r}",
-                             "method")
-    if obj.get("url") not in BATCH_ENDPOINTS:
-        raise BatchLineError(line, f"`url` must be one of {list(BATCH_ENDPOINTS)}, got "
-                                   f"{obj.get('url')!r}", "url")
-    if not isinstance(obj.get("body"), dict):
-        raise BatchLineError(line, "`body` must be a JSON object", "body")
-    return obj
-
-
-def iter_requests(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, request object) for each non-blank line; raises BatchLineError."""
-    with path.open("rb") as f:
-        for line, raw in enumerate(f, 1):
-            obj = parse_request_line(raw, line)
-            if obj is not None:
-                yield line, obj
-
-
-def check_batch_file(path: Path, endpoint: str | None = None,
-                     max_errors: int = 1) -> tuple[int, str | None, list[BatchLineError]]:
-    """Validate a whole batch file: (request count, first body's model, errors). With
-    `endpoint`, every line's url must be it. Stops after `max_errors` errors."""
-    errors: list[BatchLineError] = []
-    seen: dict[str, int] = {}
-    count, model = 0, None
-    with path.open("rb") as f:
-        for line, raw in enumerate(f, 1):
-            try:
-                obj = parse_request_line(raw, line)
-                if obj is None:
-                    continue
-                custom_id = obj["custom_id"]
-                if custom_id in seen:
-                    raise BatchLineError(line, f"custom_id {custom_id!r} is a duplicate (first "
-                                               f"on line {seen[custom_id]}); custom_ids must "
-                                               "be unique", "custom_id")
-                if endpoint is not None and obj["url"] != endpoint:
-                    raise BatchLineError(line, f"`url` {obj['url']!r} does not match the "
-                                               f"batch's endpoint {endpoint!r}", "url")
-                seen[custom_id] = line
-                count += 1
-                if model is None and isinstance(obj["body"].get("model"), str):
-                    model = obj["body"]["model"]
-            except BatchLineError as e:
-                errors.append(e)
-                if len(errors) >= max_errors:
-                    break
-    return count, model, errors
 
 
 # ---- streaming multipart upload ----------------------------------------------------------
@@ -274,13 +163,6 @@ def _not_found(file_id: str) -> APIError:
 
 
 def build_router(state: ServerState) -> APIRouter:
-    from sglbatch.server.batches import runner_for  # batches imports this module
-
-    async def db(method: str, *args: Any) -> Any:
-        """A store call; the store opens on first use (or at startup), not when routing."""
-        store = runner_for(state).store
-        return await store.call(getattr(store, method), *args)
-
     data_dir = Path(state.args.data_dir)
     limit = int(state.args.max_upload_mb * 1024 * 1024)
     router = APIRouter(prefix="/v1")
@@ -288,7 +170,7 @@ def build_router(state: ServerState) -> APIRouter:
     async def lookup(file_id: str) -> dict[str, Any]:
         if not FILE_ID.fullmatch(file_id):
             raise _not_found(file_id)
-        row = await db("get_file", file_id)
+        row = await state.call_store(Store.get_file, file_id)
         if row is None:
             raise _not_found(file_id)
         return row
@@ -329,7 +211,7 @@ def build_router(state: ServerState) -> APIRouter:
             tmp.unlink(missing_ok=True)
         row = {"id": file_id, "bytes": up.size, "created_at": int(time.time()),
                "filename": up.filename, "purpose": purpose}
-        await db("insert_file", row)
+        await state.call_store(Store.insert_file, row)
         return file_object(row)
 
     @router.get("/files")
@@ -339,7 +221,7 @@ def build_router(state: ServerState) -> APIRouter:
             raise APIError(400, "limit: must be between 1 and 10000", "limit")
         if order not in ("asc", "desc"):
             raise APIError(400, "order: must be \"asc\" or \"desc\"", "order")
-        rows, has_more = await db("list_files", purpose, limit, order, after)
+        rows, has_more = await state.call_store(Store.list_files, purpose, limit, order, after)
         data = [file_object(r) for r in rows]
         return {"object": "list", "data": data, "has_more": has_more,
                 "first_id": data[0]["id"] if data else None,
@@ -370,7 +252,7 @@ def build_router(state: ServerState) -> APIRouter:
     @router.delete("/files/{file_id}")
     async def delete(file_id: str) -> dict[str, Any]:
         row = await lookup(file_id)
-        await db("delete_file", row["id"])  # the row first: never a dangling row
+        await state.call_store(Store.delete_file, row["id"])  # the row first: never a dangling row
         file_path(data_dir, row["id"]).unlink(missing_ok=True)
         return {"id": row["id"], "object": "file", "deleted": True}
 

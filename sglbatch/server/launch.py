@@ -11,7 +11,8 @@ from typing import Any
 import uvicorn
 
 from sglbatch.server.app import create_app
-from sglbatch.server.state import ServerArgs, ServerState
+from sglbatch.server.args import ServerArgs
+from sglbatch.server.state import ServerState
 
 logger = logging.getLogger(__name__)
 

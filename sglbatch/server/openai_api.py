@@ -87,7 +87,6 @@ _DISPATCH: dict[str, tuple[type[BaseModel], Any]] = {
     "/v1/completions": (CompletionRequest, create_completion),
     "/v1/embeddings": (EmbeddingRequest, create_embeddings),
 }
-BATCH_ENDPOINTS = tuple(_DISPATCH)
 
 
 async def dispatch(state: ServerState, url: str, body: dict[str, Any]) -> tuple[int, dict]:

@@ -6,24 +6,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from sglbatch.server.args import ServerArgs
 from sglbatch.server.errors import APIError
+from sglbatch.server.store import Store
 
+if TYPE_CHECKING:  # annotations only: these import torch, or import this module
+    from sglbatch.engine.config import EngineConfig
+    from sglbatch.engine.embedding import EmbeddingModel
+    from sglbatch.engine.engine import Engine
+    from sglbatch.server.batches import BatchRunner
 
-@dataclass
-class ServerArgs:
-    host: str = "127.0.0.1"
-    port: int = 30000
-    api_key: str | None = None
-    served_model_name: str | None = None
-    chat_template: str | None = None  # a Jinja file or template text; default: the tokenizer's
-    tool_call_parser: str = "qwen25"
-    data_dir: str = "sglbatch-data"
-    max_upload_mb: float = 512.0
-    is_embedding: bool = False
+T = TypeVar("T")
 
 
 @dataclass
@@ -31,15 +29,17 @@ class ServerState:
     args: ServerArgs
     model_name: str
     model_path: str
-    engine: Any = None  # sglbatch.Engine for generation models
-    embedder: Any = None  # sglbatch.engine.embedding.EmbeddingModel with --is-embedding
-    engine_config: Any = None
+    engine: Engine | None = None  # generation models
+    embedder: EmbeddingModel | None = None  # with --is-embedding
+    engine_config: EngineConfig | None = None
     chat_template: str | None = None  # the --chat-template text, when given
     started: float = field(default_factory=time.time)
     # Embedding forward passes run here: one thread keeps torch's OpenMP team on one caller.
     embed_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="sglbatch-embed"))
-    batches: Any = None  # sglbatch.server.batches.BatchRunner, set at startup
+    # Opened at startup (batches.lifespan), closed at shutdown.
+    store: Store | None = None
+    batches: BatchRunner | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -54,13 +54,30 @@ class ServerState:
                                 f"`{self.model_name}` (see /v1/models).", "model",
                            "model_not_found")
 
-    def require_generation(self) -> Any:
+    def require_store(self) -> Store:
+        if self.store is None:
+            raise APIError(503, "the file and batch store is not open: the server is starting "
+                                "or stopping; retry")
+        return self.store
+
+    def require_batches(self) -> BatchRunner:
+        if self.batches is None:
+            raise APIError(503, "the batch runner is not running: the server is starting or "
+                                "stopping; retry")
+        return self.batches
+
+    async def call_store(self, method: Callable[..., T], *args: Any) -> T:
+        """`await state.call_store(Store.get_file, file_id)`: on the store's own thread."""
+        store = self.require_store()
+        return await store.call(method, store, *args)
+
+    def require_generation(self) -> Engine:
         if self.engine is None:
             raise APIError(400, "this server runs an embedding model (--is-embedding); "
                                 "use /v1/embeddings or /encode")
         return self.engine
 
-    def require_embedding(self) -> Any:
+    def require_embedding(self) -> EmbeddingModel:
         if self.embedder is None:
             raise APIError(400, "this server runs a generation model; start it with "
                                 "--is-embedding and an embedding model for embeddings")

@@ -115,7 +115,7 @@ def test_unreachable_or_refusing_servers_are_clear_errors(server, capsys):
 
 
 def test_failed_download_names_data_path(tmp_path, monkeypatch, capsys):
-    from sglbatch.eval import gsm8k
+    from sglbatch.bench import gsm8k
 
     monkeypatch.setenv("SGLBATCH_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(gsm8k, "PUBLIC_URL", (tmp_path / "missing-{split}.jsonl").as_uri())

@@ -507,7 +507,7 @@ def test_streaming_with_a_scripted_backend_and_separate_reasoning():
 
 
 def test_dtype_regexes_are_sglangs():
-    from sglbatch.lang.interpreter import handle_dtype_to_regex
+    from sglbatch.lang.ir import handle_dtype_to_regex
 
     p = SglSamplingParams(dtype=int)
     handle_dtype_to_regex(p)

@@ -348,3 +348,10 @@ def test_sigkill_mid_batch_resumes_with_one_result_per_request(own_server, model
     assert other.status == "cancelled" and other.request_counts.completed == other_done
     other_ids = [r["custom_id"] for r in read_lines(client, other.output_file_id)]
     assert len(other_ids) == len(set(other_ids)) == other_done
+
+
+def test_batch_lines_and_the_in_process_dispatch_name_the_same_endpoints():
+    from sglbatch.server.file_storage import BATCH_ENDPOINTS
+    from sglbatch.server.openai_api import _DISPATCH
+
+    assert set(BATCH_ENDPOINTS) == set(_DISPATCH)

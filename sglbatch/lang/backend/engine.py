@@ -18,8 +18,7 @@ from sglbatch.lang.backend.base_backend import BaseBackend
 from sglbatch.lang.chat_template import get_chat_template, get_chat_template_for_tokenizer
 from sglbatch.lang.choices import ChoicesDecision, ChoicesSamplingMethod, token_length_normalized
 from sglbatch.lang.global_config import global_config
-from sglbatch.lang.interpreter import handle_dtype_to_regex
-from sglbatch.lang.ir import SglSamplingParams
+from sglbatch.lang.ir import SglSamplingParams, handle_dtype_to_regex
 
 _LOGPROB_ARGS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
                  "return_text_in_logprobs")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import ssl
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,9 +23,9 @@ from sglbatch.lang.backend.base_backend import BaseBackend
 from sglbatch.lang.chat_template import get_chat_template, get_chat_template_by_model_path
 from sglbatch.lang.choices import ChoicesDecision, ChoicesSamplingMethod
 from sglbatch.lang.global_config import global_config
-from sglbatch.lang.ir import REGEX_BOOL, REGEX_FLOAT, REGEX_INT, REGEX_STR, SglSamplingParams
+from sglbatch.lang.ir import SglSamplingParams, handle_dtype_to_regex
 
-__all__ = ["RuntimeEndpoint", "compute_normalized_prompt_logprobs"]  # (+ Runtime, lazily)
+__all__ = ["RuntimeEndpoint", "compute_normalized_prompt_logprobs"]
 
 # Request fields SGLang's frontend copies from the sampling parameters to the top level.
 _LOGPROB_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
@@ -152,39 +151,8 @@ class RuntimeEndpoint(BaseBackend):
 
     # ----------------------------------------------------------------- generation
 
-    @staticmethod
-    def _handle_dtype_to_regex(sampling_params: SglSamplingParams) -> None:
-        """gen(dtype=int/float/str/bool) as the regex SGLang constrains it with."""
-        if sampling_params.dtype is None:
-            return
-        if sampling_params.stop == ():
-            sampling_params.stop = []
-        elif isinstance(sampling_params.stop, str):
-            sampling_params.stop = [sampling_params.stop]
-        else:
-            sampling_params.stop = list(sampling_params.stop)
-
-        dtype = sampling_params.dtype
-        if dtype in ("int", int):
-            dtype_regex = REGEX_INT
-            sampling_params.stop.extend([" ", "\n"])
-        elif dtype in ("float", float):
-            dtype_regex = REGEX_FLOAT
-            sampling_params.stop.extend([" ", "\n"])
-        elif dtype in ("str", str):
-            dtype_regex = REGEX_STR
-        elif dtype in ("bool", bool):
-            dtype_regex = REGEX_BOOL
-        else:
-            raise RuntimeError(f"Invalid dtype: {dtype}")
-
-        if sampling_params.regex is not None:
-            warnings.warn("Both dtype and regex are set. Only dtype will be used. "
-                          f"dtype: {dtype}, regex: {sampling_params.regex}")
-        sampling_params.regex = dtype_regex
-
     def _generate_body(self, s: Any, sampling_params: SglSamplingParams) -> dict:
-        self._handle_dtype_to_regex(sampling_params)
+        handle_dtype_to_regex(sampling_params)
         data = {
             "text": s.text_,
             "sampling_params": {
@@ -311,12 +279,3 @@ def compute_normalized_prompt_logprobs(input_logprobs: list) -> float:
     values = [x[0] for x in input_logprobs if x[0]]
     return sum(values) / len(values) if values else 0.0
 
-
-def __getattr__(name: str) -> Any:
-    # SGLang defines Runtime in this module; ours lives in runtime.py (imported lazily:
-    # it imports this module).
-    if name == "Runtime":
-        from sglbatch.lang.backend.runtime import Runtime
-
-        return Runtime
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from sglbatch.lang.backend.runtime_endpoint import RuntimeEndpoint
+from sglbatch.lang.backend.native_endpoint import RuntimeEndpoint
 
 __all__ = ["Runtime"]
 
@@ -43,42 +43,17 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _serve_options() -> dict[str, Any]:
-    """`sglbatch serve`'s options by destination name -> their argparse action."""
-    import argparse
-
-    from sglbatch.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    serve = sub.choices["serve"]
-    return {a.dest: a for a in serve._actions if a.option_strings and a.dest != "help"}
-
-
 def _server_flags(server_args: dict[str, Any]) -> list[str]:
-    """Keyword arguments -> `sglbatch serve` flags; unknown names are dropped, warned about."""
-    import argparse
+    """Keyword arguments -> `sglbatch serve` flags (from the ServerArgs and EngineConfig
+    fields); names serve does not take are dropped with a warning."""
+    from sglbatch.config_flags import to_flags
+    from sglbatch.engine.config import EngineConfig  # imports torch: only when launching
+    from sglbatch.server.args import ServerArgs
 
-    options = _serve_options()
-    flags: list[str] = []
-    ignored = []
-    for name, value in server_args.items():
-        action = options.get(name)
-        if action is None:
-            ignored.append(name)
-            continue
-        if value is None:
-            continue
-        flag = action.option_strings[-1]
-        if isinstance(action, argparse._StoreTrueAction):
-            if not isinstance(value, bool):
-                raise TypeError(f"Runtime: {name} must be a bool, got {value!r}")
-            if value:
-                flags.append(flag)
-            continue
-        if isinstance(value, bool):
-            value = str(value).lower()
-        flags += [flag, str(value)]
+    try:
+        flags, ignored = to_flags(server_args, ServerArgs, EngineConfig)
+    except TypeError as e:
+        raise TypeError(f"Runtime: {e}") from None
     if ignored:
         warnings.warn("Runtime: ignoring server argument(s) that sglbatch serve does not take: "
                       + ", ".join(sorted(ignored)), stacklevel=3)
