@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from sglbatch.bench.serving_metrics import RequestOutput
+from sglbatch.openai_names import to_openai
 
 BACKENDS = ("sglbatch", "sglang", "openai", "openai-chat", "vllm")
 NATIVE_BACKENDS = ("sglbatch", "sglang")
@@ -109,11 +110,7 @@ async def request_native(client: Client, inp: RequestInput) -> RequestOutput:
     """SGLang's /generate: SSE events with the cumulative text and meta_info whose
     completion_tokens counts the tokens so far; a chunk of k new tokens adds k ITL entries of
     gap / k (as SGLang's client does)."""
-    params: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": inp.output_len}
-    if inp.ignore_eos:
-        params["ignore_eos"] = True
-    if inp.stop:
-        params["stop"] = list(inp.stop)
+    params = _sampling_params(inp)
     top = {k: v for k, v in inp.extra_body.items() if k in _NATIVE_TOP_LEVEL}
     params.update({k: v for k, v in inp.extra_body.items() if k not in _NATIVE_TOP_LEVEL})
     key = "text" if isinstance(inp.prompt, str) else "input_ids"
@@ -159,15 +156,21 @@ async def request_native(client: Client, inp: RequestInput) -> RequestOutput:
     return await _post(client, "/generate", payload, out, handle)
 
 
+def _sampling_params(inp: RequestInput) -> dict[str, Any]:
+    """Greedy, `output_len` tokens, SGLang's names (ignore_eos is SGLang's and vLLM's extra
+    OpenAI field too)."""
+    params: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": inp.output_len}
+    if inp.ignore_eos:
+        params["ignore_eos"] = True
+    if inp.stop:
+        params["stop"] = list(inp.stop)
+    return params
+
+
 def _openai_payload(inp: RequestInput) -> dict[str, Any]:
-    payload: dict[str, Any] = {"model": inp.model, "temperature": 0.0,
-                               "max_tokens": inp.output_len, "stream": inp.stream}
+    payload = {"model": inp.model, "stream": inp.stream, **to_openai(_sampling_params(inp))}
     if inp.stream:
         payload["stream_options"] = {"include_usage": True}
-    if inp.ignore_eos:
-        payload["ignore_eos"] = True  # SGLang's and vLLM's extra field
-    if inp.stop:
-        payload["stop"] = list(inp.stop)
     return payload
 
 

@@ -18,12 +18,11 @@ from typing import Any
 import httpx
 
 from sglbatch.jobs.spec import EndpointSpec
+from sglbatch.openai_names import to_openai
 
 logger = logging.getLogger(__name__)
 
 _RETRIES = 4
-_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "sampling_seed": "seed",
-                 "min_new_tokens": "min_tokens"}
 
 
 class EndpointUnavailable(RuntimeError):
@@ -54,7 +53,7 @@ class EndpointClient:
                                  "messages jobs")
             body = await self._post("/generate", {"text": prompt, "sampling_params": params})
             return body
-        openai_params = {_OPENAI_NAMES.get(k, k): v for k, v in params.items()}
+        openai_params = to_openai(params)
         if self.spec.model:
             openai_params["model"] = self.spec.model
         if messages is not None:

@@ -13,6 +13,7 @@ import warnings
 from typing import Any
 
 from sglbatch.lang.choices import ChoicesSamplingMethod
+from sglbatch.openai_names import to_openai
 
 # The regexes that gen(dtype=...) maps to (the same strings as SGLang's).
 REGEX_INT = r"[-+]?[0-9]+[ \n]*"
@@ -61,16 +62,17 @@ class SglSamplingParams:
     def to_openai_kwargs(self) -> dict[str, Any]:
         # OpenAI has no top_k.
         self._warn_regex("OpenAI")
-        return {
-            "max_tokens": self.max_new_tokens,
-            "max_completion_tokens": self.max_new_tokens,
+        kwargs = to_openai({
+            "max_new_tokens": self.max_new_tokens,
             "n": self.n,
             "stop": self.stop or None,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "frequency_penalty": self.frequency_penalty,
             "presence_penalty": self.presence_penalty,
-        }
+        })
+        kwargs["max_completion_tokens"] = kwargs["max_tokens"]  # what newer models read
+        return kwargs
 
     def to_vertexai_kwargs(self) -> dict[str, Any]:
         self._warn_regex("VertexAI")

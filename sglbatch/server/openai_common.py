@@ -7,13 +7,9 @@ import time
 import uuid
 from typing import Any
 
+from sglbatch.openai_names import from_openai
 from sglbatch.server.errors import APIError
 from sglbatch.server.protocol import SamplingExtras
-
-# OpenAI sampling fields whose SGLang name differs, or that only exist on one side.
-_DIRECT = ("n", "stop", "frequency_penalty", "presence_penalty", "regex", "ebnf",
-           "json_schema", "stop_token_ids", "ignore_eos", "skip_special_tokens",
-           "spaces_between_special_tokens", "no_stop_trim", "custom_params", "logit_bias")
 
 
 def new_id(prefix: str) -> str:
@@ -27,14 +23,11 @@ def now() -> int:
 def sampling_params(req: SamplingExtras, max_new_tokens: int) -> dict[str, Any]:
     """An OpenAI request's sampling fields as SGLang sampling parameters. Temperature and
     top_p default to OpenAI's 1.0; `max_new_tokens` is what the caller resolved."""
-    params: dict[str, Any] = {name: getattr(req, name) for name in _DIRECT}
-    params.update(
-        max_new_tokens=max_new_tokens, min_new_tokens=req.min_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-        sampling_seed=req.seed)
-    return {k: v for k, v in params.items() if v is not None}
+    fields = req.model_dump(exclude={"max_tokens", "max_completion_tokens"})
+    params = from_openai(fields)
+    params.setdefault("temperature", 1.0)
+    params.setdefault("top_p", 1.0)
+    return {**params, "max_new_tokens": max_new_tokens}
 
 
 def resolve_max_tokens(value: int | None, context_room: int, name: str) -> int:
