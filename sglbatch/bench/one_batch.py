@@ -78,30 +78,29 @@ def load_model(engine_kwargs: dict[str, Any]) -> tuple[Any, Any]:
 
 class StaticBatch:
     """Requests driven through a `ModelRunner` by hand: every request's KV slots (prompt and
-    `output_len` outputs) are taken at construction, and given back by `free`."""
+    `output_len` outputs) are taken from the runner's CacheManager at construction, and
+    given back by `free`. No scheduler, no prefix cache."""
 
     def __init__(self, runner: Any, input_ids: list[list[int]], output_len: int):
         self.runner = runner
-        if len(input_ids) > runner.req_to_token_pool.num_free:
-            raise ValueError(f"{len(input_ids)} requests, {runner.req_to_token_pool.num_free} "
+        memory = runner.memory
+        if len(input_ids) > memory.req_to_token.num_free:
+            raise ValueError(f"{len(input_ids)} requests, {memory.req_to_token.num_free} "
                              "request rows free (raise --max-running-requests)")
-        lengths = [len(ids) + output_len for ids in input_ids]
-        self.slots = runner.kv_pool.alloc(sum(lengths))
-        if self.slots is None:
-            raise ValueError(f"KV pool: {sum(lengths)} slots needed, "
-                             f"{runner.kv_pool.num_free} free")
+        self.lengths = [len(ids) + output_len for ids in input_ids]
+        if sum(self.lengths) > memory.kv_pool.num_free:
+            raise ValueError(f"KV pool: {sum(self.lengths)} slots needed, "
+                             f"{memory.kv_pool.num_free} free")
         params = SamplingParams(temperature=0, max_new_tokens=output_len, ignore_eos=True)
         self.reqs = [Req(str(i), list(ids), params) for i, ids in enumerate(input_ids)]
-        table = runner.req_to_token_pool.table
-        start = 0
-        for req, length in zip(self.reqs, lengths):
-            req.req_pool_idx = runner.req_to_token_pool.alloc()
-            table[req.req_pool_idx, :length] = self.slots[start:start + length]
-            start += length
+        for req, length in zip(self.reqs, self.lengths):
+            memory.claim(req, max_prefix=0)
+            memory.extend(req, length)
+        memory.commit()
 
     def _batch(self, mode: ForwardMode, reqs: list[Req], lens: list[int]) -> Batch:
-        table = self.runner.req_to_token_pool.table
-        locs = torch.cat([table[r.req_pool_idx, r.kv_len:r.kv_len + n].cpu()
+        rows = self.runner.memory.req_to_token.host
+        locs = torch.cat([rows[r.req_pool_idx, r.kv_len:r.kv_len + n]
                           for r, n in zip(reqs, lens)])
         return Batch(mode, reqs, lens, locs)
 
@@ -145,10 +144,8 @@ class StaticBatch:
         return logits
 
     def free(self) -> None:
-        for req in self.reqs:
-            self.runner.req_to_token_pool.free(req.req_pool_idx)
-            req.req_pool_idx = None
-        self.runner.kv_pool.free(self.slots)
+        for req, length in zip(self.reqs, self.lengths):
+            self.runner.memory.discard(req, length)
 
 
 def _synchronize(device: torch.device) -> None:

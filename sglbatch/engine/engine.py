@@ -9,9 +9,7 @@ import logging
 import queue
 import random
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,43 +19,32 @@ from sglbatch.engine.batch import Batch
 from sglbatch.engine.config import DEFAULT_MODEL, EngineConfig
 from sglbatch.engine.errors import ENGINE_ERROR_STATUS, EngineError, engine_error_in
 from sglbatch.engine.grammar import Grammar, GrammarCompiler
+from sglbatch.engine.inbox import (
+    Abort,
+    AddRequests,
+    FlushCache,
+    Message,
+    Reply,
+    StartProfile,
+    Stop,
+    StopProfile,
+)
 from sglbatch.engine.inputs import RequestExtras, RequestInput, normalize_inputs
-from sglbatch.engine.logprobs import meta_info_fields
 from sglbatch.engine.model_runner import ModelRunner
 from sglbatch.engine.model_source import resolve_model_path
 from sglbatch.engine.profiler import ProfileSession
+from sglbatch.engine.output_processor import OutputProcessor, Sink, TrackedRequest
 from sglbatch.engine.request import FinishReason, Req, derive_seed
 from sglbatch.engine.scheduler import Scheduler
 from sglbatch.engine.stats import EngineStats
-from sglbatch.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop_string
+from sglbatch.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from sglbatch.engine.trace import trace_range
 
 logger = logging.getLogger(__name__)
 
-Sink = Callable[[int, dict[str, Any]], None]  # (index within the call, output dict)
-
 # A transient failure fails the step's requests and the engine goes on; this many failed
 # steps in a row (a broken device, say) stop it: every request fails, new ones are refused.
 MAX_CONSECUTIVE_STEP_FAILURES = 3
-
-
-@dataclass(eq=False)
-class _Tracked:
-    """Engine-side bookkeeping for one request: where its outputs go, what was sent."""
-
-    req: Req
-    index: int
-    sink: Sink
-    stream: bool
-    detok: IncrementalDetokenizer
-    created: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-    sent_chars: int = 0
-    sent_ids: int = 0
-
-    @property
-    def needs_live_text(self) -> bool:
-        return self.stream or bool(self.req.sampling_params.stop)
 
 
 class Engine:
@@ -74,13 +61,13 @@ class Engine:
         model_dir = resolve_model_path(self.config.model_path)
         self.tokenizer = Tokenizer(model_dir)
         self._seeds = random.Random(self.config.random_seed)
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, TrackedRequest] = {}
         # n > 1: the other samples of a prompt wait until the first one's prompt is cached.
-        self._held: dict[str, list[_Tracked]] = {}
+        self._held: dict[str, list[TrackedRequest]] = {}
         self._grammar_compiler: GrammarCompiler | None = None
         self._grammar_lock = threading.Lock()
         self.stats = EngineStats()
-        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._inbox: queue.Queue[Message] = queue.Queue()
         self._stopped = False
         self._consecutive_failures = 0
         self._broken: str | None = None  # why the engine stopped serving, once it has
@@ -101,9 +88,10 @@ class Engine:
             if self.config.num_threads:
                 torch.set_num_threads(self.config.num_threads)
             self.model_runner = ModelRunner(self.config, model_dir)
-            self.scheduler = Scheduler(self.config, self.model_runner.kv_pool,
-                                       self.model_runner.req_to_token_pool,
-                                       self.model_runner.model_config.eos_token_ids)
+            self.scheduler = Scheduler(self.config, self.model_runner.memory)
+            self.output = OutputProcessor(self.tokenizer,
+                                          self.model_runner.model_config.eos_token_ids,
+                                          self.stats)
         except BaseException as e:  # re-raised in the caller's thread
             self._stopped = True
             ready.put(e)
@@ -159,7 +147,7 @@ class Engine:
         return outputs if is_batch else outputs[0]
 
     def abort(self, rid: str) -> None:
-        self._inbox.put(("abort", rid))
+        self._inbox.put(Abort(rid))
 
     def abort_all(self) -> None:
         for rid in list(self._tracked):  # a snapshot; list(dict) does not release the GIL
@@ -168,7 +156,7 @@ class Engine:
     def flush_cache(self) -> bool:
         """Empty the prefix cache. As SGLang, refused (False) while requests are in flight."""
         result: queue.Queue[bool] = queue.Queue()
-        self._inbox.put(("flush", result.put))
+        self._inbox.put(FlushCache(result.put))
         return result.get()
 
     def start_profile(self, output_dir: str | None = None, num_steps: int | None = None,
@@ -182,19 +170,19 @@ class Engine:
         session = ProfileSession(output_dir, name="sglbatch-engine", num_steps=num_steps,
                                  record_shapes=record_shapes, with_stack=with_stack,
                                  activities=activities)
-        self._call_engine_thread("profile_start", session)
+        self._call_engine_thread(lambda reply: StartProfile(session, reply))
         return session.trace_path
 
     def stop_profile(self) -> Path:
         """Stop the profiler and write its Chrome trace; returns the file's path.
         ValueError if no profile is running."""
-        return self._call_engine_thread("profile_stop", None)
+        return self._call_engine_thread(StopProfile)
 
-    def _call_engine_thread(self, kind: str, payload: Any) -> Any:
+    def _call_engine_thread(self, message: Callable[[Reply], Message]) -> Any:
         if self._stopped:
             raise RuntimeError("the engine has been shut down")
         result: queue.Queue[tuple[bool, Any]] = queue.Queue()
-        self._inbox.put((kind, (payload, result.put)))
+        self._inbox.put(message(result.put))
         ok, value = result.get()
         if not ok:
             raise value
@@ -212,7 +200,7 @@ class Engine:
     def shutdown(self) -> None:
         if self._stopped:
             return
-        self._inbox.put(("stop", None))
+        self._inbox.put(Stop())
         self._thread.join()
 
     def __enter__(self) -> Engine:
@@ -250,7 +238,7 @@ class Engine:
         return self._grammar_compiler.compile(kind, source)
 
     def _submit(self, inputs: list[RequestInput], sink: Sink, stream: bool) -> None:
-        group: list[_Tracked] = []
+        group: list[TrackedRequest] = []
         for index, inp in enumerate(inputs):
             params = inp.sampling_params
             seed = params.sampling_seed
@@ -263,9 +251,9 @@ class Engine:
             detok = IncrementalDetokenizer(self.tokenizer, inp.input_ids,
                                            params.skip_special_tokens,
                                            params.spaces_between_special_tokens)
-            group.append(_Tracked(req, index, sink, stream, detok))
+            group.append(TrackedRequest(req, index, sink, stream, detok))
             if len(group) == params.n:
-                self._inbox.put(("add", group))
+                self._inbox.put(AddRequests(group))
                 group = []
 
     def _iter_stream(self, results: queue.Queue, inputs: list[RequestInput],
@@ -329,52 +317,51 @@ class Engine:
             self._stopped = True
 
     def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued commands; False once asked to stop."""
+        """Apply queued messages; False once asked to stop."""
         while True:
             try:
-                kind, payload = self._inbox.get(block=block)
+                message = self._inbox.get(block=block)
             except queue.Empty:
                 return True
             block = False
-            if kind == "stop":
-                return False
-            if kind == "add":
-                self._add_group(payload)
-            elif kind == "flush":
-                payload(self.scheduler.flush_cache())
-            elif kind in ("profile_start", "profile_stop"):
-                self._profile_command(kind, *payload)
-            elif kind == "abort":
-                req = self.scheduler.abort(payload, "aborted by the client") or \
-                    self._abort_held(payload)
-                if req is not None:
-                    self._finish(req)
+            match message:
+                case Stop():
+                    return False
+                case AddRequests(group):
+                    self._add_group(group)
+                case Abort(rid):
+                    req = self.scheduler.abort(rid, "aborted by the client") or \
+                        self._abort_held(rid)
+                    if req is not None:
+                        self._finish(req)
+                case FlushCache(reply):
+                    reply(self.scheduler.flush_cache())
+                case StartProfile(session, reply):
+                    _answer(reply, lambda: self._start_profile(session))
+                case StopProfile(reply):
+                    _answer(reply, self._stop_profile_command)
 
-    def _profile_command(self, kind: str, session: ProfileSession | None,
-                         reply: Callable[[tuple[bool, Any]], None]) -> None:
-        try:
-            if kind == "profile_start":
-                if self._profile is not None:
-                    raise ValueError("a profile is already running (trace: "
-                                     f"{self._profile.trace_path}); stop it first")
-                session.start()
-                self._profile = session
-                reply((True, session.trace_path))
-                return
-            if self._profile is None:
-                last = f"; the last one was written to {self._last_trace}" \
-                    if self._last_trace else ""
-                raise ValueError(f"no profile is running: start one first{last}")
-            reply((True, self._stop_profile()))
-        except Exception as e:
-            reply((False, e))
+    def _start_profile(self, session: ProfileSession) -> Path:
+        if self._profile is not None:
+            raise ValueError("a profile is already running (trace: "
+                             f"{self._profile.trace_path}); stop it first")
+        session.start()
+        self._profile = session
+        return session.trace_path
+
+    def _stop_profile_command(self) -> Path:
+        if self._profile is None:
+            last = f"; the last one was written to {self._last_trace}" \
+                if self._last_trace else ""
+            raise ValueError(f"no profile is running: start one first{last}")
+        return self._stop_profile()
 
     def _stop_profile(self) -> Path:
         session, self._profile = self._profile, None
         self._last_trace = session.stop()
         return self._last_trace
 
-    def _add_group(self, group: list[_Tracked]) -> None:
+    def _add_group(self, group: list[TrackedRequest]) -> None:
         """Queue a prompt's first sample; its other samples wait for its prompt to be
         cached (see `_release_held`), so the prompt is computed once."""
         leader, followers = group[0], group[1:]
@@ -388,7 +375,7 @@ class Engine:
             self._held[leader.req.rid] = followers
         self._add(leader)
 
-    def _add(self, tracked: _Tracked) -> None:
+    def _add(self, tracked: TrackedRequest) -> None:
         # max_new_tokens=0 still runs the prefill, as SGLang: it caches the prompt (the
         # frontend's cache_prefix) and yields input logprobs (its `select`).
         self.scheduler.add_request(tracked.req)
@@ -428,7 +415,8 @@ class Engine:
         self._consecutive_failures = 0
         with trace_range("sglbatch.process_output"):
             for req in self.scheduler.process_output(batch, result):
-                self._on_token(req)
+                self._release_held(req)
+                self.output.on_step(self._tracked[req.rid])
             for req in self.scheduler.release_finished():
                 self._finish(req)
         if self._profile is not None and self._profile.step():  # num_steps reached
@@ -458,25 +446,13 @@ class Engine:
             self._tracked.pop(follower.req.rid, None)
             self._send_error(follower, message)
 
-    def _send_error(self, tracked: _Tracked, message: str) -> None:
-        # Built from plain fields only: this runs when the usual output path may be broken.
-        req = tracked.req
-        req.finish_reason = FinishReason.abort(message, ENGINE_ERROR_STATUS)
-        self.stats.on_finish(len(req.input_ids), req.cached_tokens, len(req.output_ids),
-                             time.perf_counter() - tracked.created, None, aborted=True)
-        self._deliver(tracked, {"text": "", "output_ids": [], "meta_info": {
-            "id": req.rid, "finish_reason": req.finish_reason.to_json(),
-            "prompt_tokens": len(req.input_ids), "completion_tokens": len(req.output_ids),
-            "cached_tokens": req.cached_tokens,
-            "e2e_latency": time.perf_counter() - tracked.created}})
+    def _send_error(self, tracked: TrackedRequest, message: str) -> None:
+        self.output.send_error(tracked, FinishReason.abort(message, ENGINE_ERROR_STATUS))
 
     def _reset_scheduler(self) -> None:
         """A fresh scheduler over emptied pools, once no request holds KV any more."""
-        runner = self.model_runner
-        runner.kv_pool.free_all()
-        runner.req_to_token_pool.free_all()
-        self.scheduler = Scheduler(self.config, runner.kv_pool, runner.req_to_token_pool,
-                                   runner.model_config.eos_token_ids)
+        self.model_runner.memory.reset()
+        self.scheduler = Scheduler(self.config, self.model_runner.memory)
 
     def _count_failure(self, error: Exception) -> None:
         self._consecutive_failures += 1
@@ -488,93 +464,17 @@ class Engine:
         self._fail_in_flight(self._broken)
         self._reset_scheduler()
 
-    def _on_token(self, req: Req) -> None:
-        self._release_held(req)
-        tracked = self._tracked[req.rid]
-        if tracked.first_token_at is None:
-            tracked.first_token_at = time.perf_counter()
-            self.stats.on_first_token(tracked.first_token_at - tracked.created)
-        if not tracked.needs_live_text:
-            return  # detokenized once at finish
-        delta = tracked.detok.append(_visible_ids(req, req.output_ids[-1:]))
-        stops = req.sampling_params.stop
-        if delta and stops and not req.is_finished:
-            match = find_stop_string(tracked.detok.text, stops, len(delta))
-            if match is not None:
-                idx, stop = match
-                end = idx + len(stop) if req.sampling_params.no_stop_trim else idx
-                tracked.detok.text = tracked.detok.text[:end]
-                req.finish_reason = FinishReason.stop(stop)
-        if tracked.stream and not req.is_finished:
-            # Hold back a possible stop-string prefix so streamed text never has to be retracted.
-            hold = max((len(s) for s in stops), default=1) - 1
-            self._emit(tracked, visible_chars=len(tracked.detok.text) - hold)
-
     def _finish(self, req: Req) -> None:
         self._release_held(req)
-        tracked = self._tracked.pop(req.rid)
-        detok = tracked.detok
-        if not tracked.needs_live_text:
-            detok.append(_visible_ids(req, req.output_ids))
-        if req.finish_reason is None or req.finish_reason.kind != "stop" or \
-                not isinstance(req.finish_reason.matched, str):
-            detok.flush()
-        self._emit(tracked, visible_chars=len(detok.text))
-        ttft = None if tracked.first_token_at is None else tracked.first_token_at - tracked.created
-        self.stats.on_finish(
-            len(req.input_ids), req.cached_tokens, len(req.output_ids),
-            time.perf_counter() - tracked.created, ttft,
-            aborted=req.finish_reason is not None and req.finish_reason.kind == "abort")
-
-    def _emit(self, tracked: _Tracked, visible_chars: int) -> None:
-        req = tracked.req
-        sent_ids = tracked.sent_ids if tracked.stream else 0
-        if tracked.stream:
-            text = tracked.detok.text[tracked.sent_chars:max(visible_chars, tracked.sent_chars)]
-            ids = req.output_ids[tracked.sent_ids:]
-            if not text and not ids and not req.is_finished:
-                return
-            tracked.sent_chars += len(text)
-            tracked.sent_ids = len(req.output_ids)
-        else:
-            text, ids = tracked.detok.text, list(req.output_ids)
-        self._deliver(tracked, {"text": text, "output_ids": ids,
-                                "meta_info": self._meta_info(tracked, sent_ids)})
-
-    @staticmethod
-    def _deliver(tracked: _Tracked, output: dict[str, Any]) -> None:
-        try:
-            tracked.sink(tracked.index, output)
-        except Exception:  # e.g. the caller's event loop is gone: its loss, nobody else's
-            logger.exception("delivering an output of %s failed", tracked.req.rid)
-
-    def _meta_info(self, tracked: _Tracked, output_from: int) -> dict[str, Any]:
-        req = tracked.req
-        meta = {
-            "id": req.rid,
-            "finish_reason": req.finish_reason.to_json() if req.finish_reason else None,
-            "prompt_tokens": len(req.input_ids),
-            "completion_tokens": len(req.output_ids),
-            "cached_tokens": req.cached_tokens,
-            "e2e_latency": time.perf_counter() - tracked.created,
-        }
-        if req.logprob_options is not None:
-            meta.update(meta_info_fields(req.logprob_options, req.logprobs, output_from,
-                                         self._token_text))
-        return meta
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        self.output.finish(self._tracked.pop(req.rid))
 
 
-def _visible_ids(req: Req, ids: list[int]) -> list[int]:
-    """`ids` (the tail of the output) without a matched stop token at the very end: as
-    SGLang, it stays in output_ids but not in the text, unless no_stop_trim."""
-    reason = req.finish_reason
-    if reason is not None and reason.kind == "stop" and isinstance(reason.matched, int) \
-            and not req.sampling_params.no_stop_trim and ids:
-        return ids[:-1]
-    return ids
+def _answer(reply: Reply, compute: Callable[[], Any]) -> None:
+    """Reply with what `compute` returns, or with the exception it raised."""
+    try:
+        reply((True, compute()))
+    except Exception as e:
+        reply((False, e))
 
 
 def _error_message(error: BaseException) -> str:

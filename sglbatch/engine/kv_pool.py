@@ -89,12 +89,40 @@ class KVPool:
 
 
 class ReqToTokenPool:
-    """Row `i` lists the KV slots of the request holding row `i`, position by position."""
+    """Row `i` lists the KV slots of the request holding row `i`, position by position.
+
+    `table` is what the model reads, on its device; `host` is the copy bookkeeping reads and
+    writes (the same tensor on the CPU). `write` changes the host copy and remembers the
+    span; `commit` sends every span changed since to the device in one indexed write.
+    """
 
     def __init__(self, num_rows: int, max_context_len: int, device: str | torch.device = "cpu"):
-        self.table = torch.zeros((num_rows, max_context_len), dtype=torch.int64, device=device)
+        shape = (num_rows, max_context_len)
+        self.host = torch.zeros(shape, dtype=torch.int64, device="cpu")
+        self.table = self.host if torch.device(device).type == "cpu" else \
+            torch.zeros(shape, dtype=torch.int64, device=device)
+        self._changed: list[tuple[int, int, int]] = []  # (row, start, end) since commit
         self.num_rows = num_rows
         self.free_all()
+
+    def write(self, row: int, start: int, slots: torch.Tensor) -> None:
+        end = start + slots.numel()
+        self.host[row, start:end] = slots
+        if self.table is not self.host:
+            self._changed.append((row, start, end))
+
+    def commit(self) -> None:
+        if not self._changed:
+            return
+        rows = torch.cat([torch.full((e - s,), r, dtype=torch.int64, device="cpu")
+                          for r, s, e in self._changed])
+        cols = torch.cat([torch.arange(s, e, device="cpu") for _, s, e in self._changed])
+        self._changed = []
+        # Values come from the host copy as it is now: a span written twice since the last
+        # commit carries its final slots, whichever duplicate index the device applies.
+        values = self.host[rows, cols]
+        device = self.table.device
+        self.table.index_put_((rows.to(device), cols.to(device)), values.to(device))
 
     def free_all(self) -> None:
         self._free_rows = list(range(self.num_rows - 1, -1, -1))

@@ -1,4 +1,6 @@
-"""Owns the model, the KV pools and the attention backend; runs one batch forward."""
+"""Owns the model and the attention backend and runs one batch forward. KV memory (pool,
+prefix cache, req -> token table) is the CacheManager's, sized here for the model; the
+runner only reads it."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 
 from sglbatch.engine.attention import create_attention_backend, is_installed
 from sglbatch.engine.batch import Batch, ForwardBatch, ForwardMode, StepResult
+from sglbatch.engine.cache_manager import CacheManager
 from sglbatch.engine.config import EngineConfig, ModelConfig
 from sglbatch.engine.cuda_graph import CudaGraphRunner
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
@@ -54,11 +57,12 @@ class ModelRunner:
         per_token = KVPool.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads,
                                            mc.head_dim, self.dtype)
         num_slots = config.max_total_tokens or int(config.kv_cache_gb * (1 << 30) // per_token)
-        self.kv_pool = KVPool(num_slots, mc.num_hidden_layers, mc.num_key_value_heads,
-                              mc.head_dim, self.dtype, self.device)
-        # One extra row so a chunked request can hold a row while max_running_requests decode.
-        self.req_to_token_pool = ReqToTokenPool(config.max_running_requests + 1,
-                                                self.context_len, self.device)
+        self.memory = CacheManager(
+            KVPool(num_slots, mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+                   self.dtype, self.device),
+            # One extra row so a chunked request can hold one while the rest decode.
+            ReqToTokenPool(config.max_running_requests + 1, self.context_len, self.device),
+            radix_cache=not config.disable_radix_cache)
         self.attn_backend = create_attention_backend(
             config.attention_backend, config.device, self.kv_pool, mc.num_attention_heads,
             mc.num_key_value_heads, mc.head_dim)
@@ -77,6 +81,14 @@ class ModelRunner:
         max_bs = min(self.config.cuda_graph_max_bs, self.config.max_running_requests)
         return CudaGraphRunner(self.model, self.attn_backend, self.req_to_token_pool.table,
                                max_bs)
+
+    @property
+    def kv_pool(self) -> KVPool:
+        return self.memory.kv_pool
+
+    @property
+    def req_to_token_pool(self) -> ReqToTokenPool:
+        return self.memory.req_to_token
 
     @property
     def max_req_len(self) -> int:

@@ -41,3 +41,17 @@ def test_req_to_token_rows():
     assert rows == {0, 1} and table.alloc() is None
     table.free(0)
     assert table.num_free == 1 and table.alloc() == 0
+
+
+def test_table_changes_reach_a_separate_device_table_in_one_commit():
+    pool = ReqToTokenPool(3, 16)
+    pool.table = torch.zeros_like(pool.host)  # stands in for the GPU copy
+    pool.write(0, 0, torch.tensor([5, 6, 7]))
+    pool.write(2, 4, torch.tensor([9]))
+    pool.write(0, 1, torch.tensor([8]))  # the same span again: the last write wins
+    assert not pool.table.any()  # nothing sent before the commit
+    pool.commit()
+    assert torch.equal(pool.table, pool.host)
+    assert pool.host[0, :3].tolist() == [5, 8, 7] and pool.host[2, 4] == 9
+    pool.commit()  # nothing new: no-op
+    assert torch.equal(pool.table, pool.host)
