@@ -17,11 +17,14 @@ from sglbatch.server.openai_common import (finish_reason, matched_stop, new_id, 
 from sglbatch.server.protocol import ChatCompletionRequest
 from sglbatch.server.state import ServerState
 from sglbatch.server.streaming import await_or_abort, sse
-from sglbatch.server.tool_calls import (ConstrainedToolCallStream, ToolCallParser,
-                                        calls_from_constrained_output,
-                                        chat_template_supports_tools, get_tool_parser,
-                                        normalize_tool_choice, prepare_messages,
-                                        tool_choice_constraint)
+from sglbatch.server.tool_calls import ToolCallParser, get_tool_parser
+from sglbatch.server.tool_choice import (
+    ConstrainedToolCallStream,
+    calls_from_constrained_output,
+    normalize_tool_choice,
+    tool_choice_constraint,
+)
+from sglbatch.server.tool_prompts import chat_template_supports_tools, prepare_messages
 
 
 @dataclass

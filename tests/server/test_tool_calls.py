@@ -6,18 +6,17 @@ import json
 
 import pytest
 
-from sglbatch.server.tool_calls import (
+from sglbatch.server.tool_calls import ToolCall, ToolCallDelta, get_tool_parser, validate_tools
+from sglbatch.server.tool_choice import (
     ConstrainedToolCallStream,
-    ToolCall,
-    ToolCallDelta,
     calls_from_constrained_output,
-    chat_template_supports_tools,
-    get_tool_parser,
     normalize_tool_choice,
-    prepare_messages,
     tool_choice_constraint,
+)
+from sglbatch.server.tool_prompts import (
+    chat_template_supports_tools,
+    prepare_messages,
     tools_system_prompt,
-    validate_tools,
 )
 
 TOOLS = [
