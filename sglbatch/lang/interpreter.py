@@ -961,6 +961,8 @@ class StreamExecutor:
             stop = [] if not stop else ([stop] if isinstance(stop, str) else list(stop))
             stop += [x for x in self.chat_template.stop_str if x not in stop]
             clone.stop = stop
+        clone.skip_special_tokens = global_config.skip_special_tokens_in_output
+        clone.spaces_between_special_tokens = global_config.spaces_between_special_tokens_in_out
         return clone
 
     def __del__(self):

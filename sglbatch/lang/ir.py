@@ -42,6 +42,9 @@ class SglSamplingParams:
     top_logprobs_num: int | None = None
     return_text_in_logprobs: bool | None = None
     json_schema: str | None = None
+    # Set by the interpreter from global_config (SGLang's knobs), so no backend reads it.
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     # Constrained generation; not part of the to_*_kwargs of API backends.
     dtype: Any | None = None
@@ -126,6 +129,8 @@ class SglSamplingParams:
             "ignore_eos": self.ignore_eos,
             "regex": self.regex,
             "json_schema": self.json_schema,
+            "skip_special_tokens": self.skip_special_tokens,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens,
         }
 
 

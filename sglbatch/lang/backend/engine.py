@@ -17,7 +17,6 @@ from typing import Any
 from sglbatch.lang.backend.base_backend import BaseBackend
 from sglbatch.lang.chat_template import get_chat_template, get_chat_template_for_tokenizer
 from sglbatch.lang.choices import ChoicesDecision, ChoicesSamplingMethod, token_length_normalized
-from sglbatch.lang.global_config import global_config
 from sglbatch.lang.ir import SglSamplingParams, handle_dtype_to_regex
 
 _LOGPROB_ARGS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
@@ -106,11 +105,7 @@ class EngineBackend(BaseBackend):
         if s.images_:
             self.fill_image(s)
         handle_dtype_to_regex(sampling_params)
-        params = {
-            "skip_special_tokens": global_config.skip_special_tokens_in_output,
-            "spaces_between_special_tokens": global_config.spaces_between_special_tokens_in_out,
-            **sampling_params.to_srt_kwargs(),
-        }
+        params = sampling_params.to_srt_kwargs()
         # Empty lists mean "none"; the engine refuses a non-empty stop_regex.
         for key in ("stop", "stop_token_ids", "stop_regex"):
             if not params.get(key):

@@ -22,7 +22,6 @@ import httpx
 from sglbatch.lang.backend.base_backend import BaseBackend
 from sglbatch.lang.chat_template import get_chat_template, get_chat_template_by_model_path
 from sglbatch.lang.choices import ChoicesDecision, ChoicesSamplingMethod
-from sglbatch.lang.global_config import global_config
 from sglbatch.lang.ir import SglSamplingParams, handle_dtype_to_regex
 
 __all__ = ["RuntimeEndpoint", "compute_normalized_prompt_logprobs"]
@@ -155,12 +154,7 @@ class RuntimeEndpoint(BaseBackend):
         handle_dtype_to_regex(sampling_params)
         data = {
             "text": s.text_,
-            "sampling_params": {
-                "skip_special_tokens": global_config.skip_special_tokens_in_output,
-                "spaces_between_special_tokens":
-                    global_config.spaces_between_special_tokens_in_out,
-                **sampling_params.to_srt_kwargs(),
-            },
+            "sampling_params": sampling_params.to_srt_kwargs(),
         }
         if not data["sampling_params"].get("stop_regex"):
             # An empty stop_regex means none; sglbatch's engine refuses the field when set
