@@ -657,44 +657,25 @@ class StreamExecutor:
         if isinstance(other, str):
             other = SglConstantText(other)
         assert isinstance(other, SglExpr), f"{other}"
-
-        if isinstance(other, SglConstantText):
-            self._execute_fill(other.value)
-        elif isinstance(other, SglGen):
-            self._execute_gen(other)
-        elif isinstance(other, SglSelect):
-            self._execute_select(other)
-        elif isinstance(other, SglExprList):
-            for x in other.expr_list:
-                self._execute(x)
-        elif isinstance(other, SglRoleBegin):
-            self._execute_role_begin(other)
-        elif isinstance(other, SglRoleEnd):
-            self._execute_role_end(other)
-        elif isinstance(other, SglImage):
-            self._execute_image(other)
-        elif isinstance(other, SglVideo):
-            self._execute_video(other)
-        elif isinstance(other, SglVariable):
-            self._execute_variable(other)
-        elif isinstance(other, SglVarScopeBegin):
-            self._execute_var_scope_begin(other)
-        elif isinstance(other, SglVarScopeEnd):
-            self._execute_var_scope_end(other)
-        elif isinstance(other, SglCommitLazy):
-            self._execute_commit_lazy_operations(other)
-        elif isinstance(other, SglConcateAndAppend):
-            if (
-                global_config.enable_parallel_encoding
-                and self.backend.support_concate_and_append
-            ):
-                self._execute_concatenate_and_append_kv_cache(other)
-            else:
-                self._execute_concatenate_and_append_text(other)
-        elif isinstance(other, SglSeparateReasoning):
-            self._execute_separate_reasoning(other)
-        else:
+        # The handler of the expression's class, or of the nearest base class that has one.
+        handler = next((_EXPR_HANDLERS[cls] for cls in type(other).__mro__
+                        if cls in _EXPR_HANDLERS), None)
+        if handler is None:
             raise ValueError(f"Unknown type: {type(other)}")  # noqa: TRY004 - as SGLang
+        handler(self, other)
+
+    def _execute_constant_text(self, expr: SglConstantText) -> None:
+        self._execute_fill(expr.value)
+
+    def _execute_expr_list(self, expr: SglExprList) -> None:
+        for x in expr.expr_list:
+            self._execute(x)
+
+    def _execute_concate_and_append(self, expr: SglConcateAndAppend) -> None:
+        if global_config.enable_parallel_encoding and self.backend.support_concate_and_append:
+            self._execute_concatenate_and_append_kv_cache(expr)
+        else:
+            self._execute_concatenate_and_append_text(expr)
 
     def _execute_fill(self, value: str, prefix=False):
         value = str(value)
@@ -971,6 +952,25 @@ class StreamExecutor:
             self.end()
         except Exception:  # noqa: S110, BLE001 - never raise from a finalizer
             pass
+
+
+# What StreamExecutor does with each kind of expression (see `_execute`).
+_EXPR_HANDLERS: dict[type, Callable[[StreamExecutor, Any], None]] = {
+    SglConstantText: StreamExecutor._execute_constant_text,
+    SglGen: StreamExecutor._execute_gen,
+    SglSelect: StreamExecutor._execute_select,
+    SglExprList: StreamExecutor._execute_expr_list,
+    SglRoleBegin: StreamExecutor._execute_role_begin,
+    SglRoleEnd: StreamExecutor._execute_role_end,
+    SglImage: StreamExecutor._execute_image,
+    SglVideo: StreamExecutor._execute_video,
+    SglVariable: StreamExecutor._execute_variable,
+    SglVarScopeBegin: StreamExecutor._execute_var_scope_begin,
+    SglVarScopeEnd: StreamExecutor._execute_var_scope_end,
+    SglCommitLazy: StreamExecutor._execute_commit_lazy_operations,
+    SglConcateAndAppend: StreamExecutor._execute_concate_and_append,
+    SglSeparateReasoning: StreamExecutor._execute_separate_reasoning,
+}
 
 
 # --------------------------------------------------------------------------------------
