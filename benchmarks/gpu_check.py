@@ -43,10 +43,12 @@ def _pytest(name: str, paths: list[str], out: Path, timeout_s: int) -> Step:
                        f"--junitxml={out / (name + '.xml')}"], timeout_s)
 
 
-def _bench(name: str, dataset: list[str], out: Path, timeout_s: int) -> Step:
-    return Step(name, [sys.executable, "-m", "sglbatch", "bench", "offline", "--device", "cuda",
-                       *dataset, "--baseline", "transformers", "--baseline-batch-sizes", "128",
-                       "--output-file", str(out / (name + ".jsonl"))], timeout_s)
+def _bench(name: str, dataset: list[str], out: Path, timeout_s: int, device: str = "cuda",
+           baseline_batch_size: int = 128) -> Step:
+    return Step(name, [sys.executable, "-m", "sglbatch", "bench", "offline", "--device", device,
+                       *dataset, "--baseline", "transformers", "--baseline-batch-sizes",
+                       str(baseline_batch_size), "--output-file", str(out / (name + ".jsonl"))],
+                timeout_s)
 
 
 def build_steps(args: argparse.Namespace) -> list[Step]:
@@ -99,7 +101,7 @@ def run_step(step: Step, out: Path) -> None:
         step.result = f"exit {step.returncode} (see {log.name})"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("gpu_check"),
@@ -108,7 +110,7 @@ def main() -> int:
                         default=SHARED_GSM8K if SHARED_GSM8K.is_dir() else None,
                         help="GSM8K folder (train.jsonl, test.jsonl); default: the shared "
                              "copy beside the repo, else a download")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import torch
     from rich.console import Console
     from rich.table import Table
