@@ -68,7 +68,7 @@ _LAZY = {
     "Anthropic": ("sglbatch.lang.backend.anthropic", "Anthropic"),
     "LiteLLM": ("sglbatch.lang.backend.litellm", "LiteLLM"),
     "VertexAI": ("sglbatch.lang.backend.vertexai", "VertexAI"),
-    "ProgramState": ("sglbatch.lang.interpreter", "ProgramState"),
+    "ProgramState": ("sglbatch.lang.program_state", "ProgramState"),
 }
 
 __all__ = [
