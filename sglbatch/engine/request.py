@@ -179,10 +179,6 @@ class FinishReason:
     def abort(cls, message: str, status_code: int | None = None) -> FinishReason:
         return cls("abort", message=message, status_code=status_code)
 
-    @property
-    def is_engine_error(self) -> bool:
-        return self.kind == "abort" and (self.status_code or 0) >= 500
-
     def to_json(self) -> dict[str, Any]:
         if self.kind == "stop":
             return {"type": "stop", "matched": self.matched}
