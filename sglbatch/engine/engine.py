@@ -299,8 +299,9 @@ class Engine:
                     self.step()
                 except Exception as error:  # outside the forward: state may be half-updated
                     logger.exception("engine step failed; failing every request in flight")
-                    self._fail_in_flight(_error_message(error))
+                    # Reset before failing: a caller woken by its error sees the fresh state.
                     self._reset_scheduler()
+                    self._fail_in_flight(_error_message(error))
                     self._count_failure(error)
             for req in self.scheduler.abort_all("engine shut down"):
                 self._finish(req)
@@ -461,8 +462,8 @@ class Engine:
         self._broken = (f"the engine stopped after {self._consecutive_failures} failed steps "
                         f"in a row (last: {_error_message(error)}); restart it")
         logger.error("%s", self._broken)
-        self._fail_in_flight(self._broken)
         self._reset_scheduler()
+        self._fail_in_flight(self._broken)
 
     def _finish(self, req: Req) -> None:
         self._release_held(req)
