@@ -15,7 +15,8 @@ import time
 
 from sglbatch.bench.ceiling import decode_ceiling, model_flops_per_token
 from sglbatch.engine.engine import Engine
-from sglbatch.engine.request import Req, SamplingParams
+from sglbatch.engine.request import Req
+from sglbatch.engine.sampling_params import SamplingParams
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import argparse
 import json
 import time
 
-from sglbatch.engine.engine import Engine
+from sglbatch import Engine, GenerateRequest, SamplingParams
 
 SCHEMA = {
     "type": "object",
@@ -43,20 +43,22 @@ def main() -> None:
                                           "as a JSON object."}] for i in range(args.requests)]
     schema = json.dumps(SCHEMA)
     with Engine(model_path=args.model_path) as engine:
-        engine.generate(messages=chats[:4], sampling_params={"max_new_tokens": 8})  # warm-up
+        engine.run([GenerateRequest(messages=chat,  # warm-up
+                                    sampling_params=SamplingParams(max_new_tokens=8))
+                    for chat in chats[:4]])
         engine.flush_cache()
         start = time.perf_counter()
-        constrained = engine.generate(messages=chats, sampling_params=[
-            {"temperature": 1.0, "sampling_seed": i, "max_new_tokens": 256, "json_schema": schema}
-            for i in range(args.requests)])
+        constrained = engine.run([GenerateRequest(messages=chat, sampling_params=SamplingParams(
+            temperature=1.0, sampling_seed=i, max_new_tokens=256, json_schema=schema))
+            for i, chat in enumerate(chats)])
         t_constrained = time.perf_counter() - start
-        lengths = [o["meta_info"]["completion_tokens"] for o in constrained]
-        valid = sum(_is_json(o["text"]) for o in constrained)
+        lengths = [o.meta_info.completion_tokens for o in constrained]
+        valid = sum(_is_json(o.text) for o in constrained)
         engine.flush_cache()
         start = time.perf_counter()
-        engine.generate(messages=chats, sampling_params=[
-            {"temperature": 1.0, "sampling_seed": i, "max_new_tokens": n, "ignore_eos": True}
-            for i, n in enumerate(lengths)])
+        engine.run([GenerateRequest(messages=chat, sampling_params=SamplingParams(
+            temperature=1.0, sampling_seed=i, max_new_tokens=n, ignore_eos=True))
+            for i, (chat, n) in enumerate(zip(chats, lengths))])
         t_free = time.perf_counter() - start
     tokens = sum(lengths)
     print(json.dumps({

@@ -17,9 +17,12 @@ from pathlib import Path
 import yaml
 
 from sglbatch.bench.datasets import BenchRequest
-from sglbatch.bench.transformers_baseline import TransformersGenerator, run_transformers_generate
+from sglbatch.bench.gsm8k import STOP, few_shot_prefix, load_gsm8k, question_prompt
+from sglbatch.bench.transformers_baseline import (
+    TransformersGenerator,
+    run_transformers_generate,
+)
 from sglbatch.engine.engine import Engine
-from sglbatch.eval.gsm8k import STOP, few_shot_prefix, load_gsm8k, question_prompt
 from sglbatch.jobs.runner import JobRunner
 from sglbatch.jobs.spec import load_jobs
 

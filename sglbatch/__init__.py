@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["CustomLogitProcessor", "Engine", "EngineConfig", "SamplingParams"]
+# The engine's API: the engine, its config, and the typed request/output boundary.
+_ENGINE_NAMES = {
+    "Engine": "sglbatch.engine.engine",
+    "EngineConfig": "sglbatch.engine.config",
+    "SamplingParams": "sglbatch.engine.sampling_params",
+    "FinishReason": "sglbatch.engine.api_types",
+    "GenerateRequest": "sglbatch.engine.api_types",
+    "GenerateOutput": "sglbatch.engine.api_types",
+    "StreamDelta": "sglbatch.engine.api_types",
+    "MetaInfo": "sglbatch.engine.api_types",
+    "CustomLogitProcessor": "sglbatch.engine.custom_logit_processor",
+}
+__all__ = sorted(_ENGINE_NAMES)
 
 # The SGLang frontend language (`import sglbatch as sgl; @sgl.function ...`): these names
 # are forwarded to sglbatch.lang, which imports no torch until a program runs on an Engine.
@@ -23,22 +36,8 @@ _LANG_NAMES = frozenset({
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `sglbatch --help` and light imports do not pay for torch.
-    if name == "Engine":
-        from sglbatch.engine.engine import Engine
-
-        return Engine
-    if name == "EngineConfig":
-        from sglbatch.engine.config import EngineConfig
-
-        return EngineConfig
-    if name == "SamplingParams":
-        from sglbatch.engine.request import SamplingParams
-
-        return SamplingParams
-    if name == "CustomLogitProcessor":
-        from sglbatch.engine.custom_logit_processor import CustomLogitProcessor
-
-        return CustomLogitProcessor
+    if name in _ENGINE_NAMES:
+        return getattr(importlib.import_module(_ENGINE_NAMES[name]), name)
     if name in _LANG_NAMES:
         import sglbatch.lang
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sglbatch.engine.request import SamplingParams
+from sglbatch.engine.sampling_params import SamplingParams
 from sglbatch.openai_names import FROM_OPENAI, SAME_NAME, TO_OPENAI, from_openai, to_openai
 
 

@@ -3,45 +3,51 @@ transformers `generate` on the same requests in the same run."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import click
 
 from sglbatch.bench import datasets
 from sglbatch.bench.ceiling import decode_ceiling, model_flops_per_token
 from sglbatch.bench.datasets import BenchRequest
+from sglbatch.engine.api_types import GenerateRequest
+from sglbatch.engine.sampling_params import SamplingParams
+
+SECTIONS = {"Options": [
+    *datasets.DATASET_OPTIONS,
+    click.Option(["--baseline"], type=click.Choice(["transformers", "llama-cpp"]),
+                 help="also run a peer on the same requests: transformers `generate` (batched, "
+                      "left padding) or llama.cpp's Python API on the same GGUF (pip install "
+                      "llama-cpp-python; one sequence at a time)"),
+    click.Option(["--baseline-batch-sizes"], default="16,64,128",
+                 help="batch sizes tried for the baseline; the best counts (default: 16,64,128)"),
+    click.Option(["--output-file"], type=click.Path(path_type=Path),
+                 help="append a JSONL result record here"),
+]}
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    datasets.add_dataset_args(parser)
-    parser.add_argument("--baseline", choices=["transformers", "llama-cpp"],
-                        help="also run a peer on the same requests: transformers `generate` "
-                             "(batched, left padding) or llama.cpp's Python API on the same "
-                             "GGUF (pip install llama-cpp-python; one sequence at a time)")
-    parser.add_argument("--baseline-batch-sizes", default="16,64,128",
-                        help="batch sizes tried for the baseline; the best counts "
-                             "(default: 16,64,128)")
-    parser.add_argument("--output-file", type=Path, help="append a JSONL result record here")
-
-
-def build_requests(args: argparse.Namespace, engine: Any) -> list[BenchRequest]:
+def build_requests(args: SimpleNamespace, engine: Any) -> list[BenchRequest]:
     return datasets.build_requests(args, engine.tokenizer,
                                    engine.model_runner.model_config.vocab_size)
 
 
 def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, float]:
-    params = [{"temperature": 0, "max_new_tokens": r.output_len, "ignore_eos": r.ignore_eos,
-               "stop": list(r.stop)} for r in requests]
-    engine.generate(input_ids=[100, 200, 300], sampling_params={"max_new_tokens": 2})  # warm-up
+    batch = [GenerateRequest(input_ids=r.input_ids, sampling_params=SamplingParams(
+        temperature=0, max_new_tokens=r.output_len, ignore_eos=r.ignore_eos, stop=list(r.stop)))
+        for r in requests]
+    engine.run([GenerateRequest(input_ids=[100, 200, 300],  # warm-up
+                                sampling_params=SamplingParams(max_new_tokens=2))])
     engine.flush_cache()
     start = time.perf_counter()
-    outputs = engine.generate(input_ids=[r.input_ids for r in requests], sampling_params=params)
+    outputs = engine.run(batch)
     elapsed = time.perf_counter() - start
-    prompt_tokens = sum(o["meta_info"]["prompt_tokens"] for o in outputs)
-    output_tokens = sum(o["meta_info"]["completion_tokens"] for o in outputs)
-    cached = sum(o["meta_info"]["cached_tokens"] for o in outputs)
+    prompt_tokens = sum(o.meta_info.prompt_tokens for o in outputs)
+    output_tokens = sum(o.meta_info.completion_tokens for o in outputs)
+    cached = sum(o.meta_info.cached_tokens for o in outputs)
     return {
         "duration": elapsed,
         "completed": len(outputs),
@@ -54,7 +60,7 @@ def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, float]:
     }
 
 
-def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+def run(args: SimpleNamespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     from rich.console import Console
 
     from sglbatch.engine.engine import Engine

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from sglbatch.engine.batch import Batch, ForwardMode, StepResult
-from sglbatch.engine.request import Req, SamplingParams
+from sglbatch.engine.request import Req
+from sglbatch.engine.sampling_params import SamplingParams
 
 # SGLang's correctness-test prompts.
 DEFAULT_PROMPTS = [

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 
 from sglbatch.bench.serving_metrics import RequestOutput
+from sglbatch.engine.sampling_params import SamplingParams
 from sglbatch.openai_names import to_openai
 
 BACKENDS = ("sglbatch", "sglang", "openai", "openai-chat", "vllm")
@@ -159,12 +160,8 @@ async def request_native(client: Client, inp: RequestInput) -> RequestOutput:
 def _sampling_params(inp: RequestInput) -> dict[str, Any]:
     """Greedy, `output_len` tokens, SGLang's names (ignore_eos is SGLang's and vLLM's extra
     OpenAI field too)."""
-    params: dict[str, Any] = {"temperature": 0.0, "max_new_tokens": inp.output_len}
-    if inp.ignore_eos:
-        params["ignore_eos"] = True
-    if inp.stop:
-        params["stop"] = list(inp.stop)
-    return params
+    return SamplingParams(temperature=0.0, max_new_tokens=inp.output_len,
+                          ignore_eos=inp.ignore_eos, stop=list(inp.stop)).to_json()
 
 
 def _openai_payload(inp: RequestInput) -> dict[str, Any]:

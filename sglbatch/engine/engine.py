@@ -1,6 +1,6 @@
 """`Engine`: the in-process engine. One background thread runs the loop
-(schedule -> forward -> process output -> detokenize -> emit); callers submit requests and
-receive SGLang-shaped output dicts through a per-request sink."""
+(schedule -> forward -> process output -> detokenize -> emit); callers submit typed
+requests and receive typed outputs through a per-request sink."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
+from sglbatch.engine.api_types import FinishReason, GenerateOutput, GenerateRequest, StreamDelta
 from sglbatch.engine.batch import Batch
 from sglbatch.engine.config import DEFAULT_MODEL, EngineConfig
-from sglbatch.engine.errors import ENGINE_ERROR_STATUS, EngineError, engine_error_in
+from sglbatch.engine.errors import ENGINE_ERROR_STATUS, EngineError
 from sglbatch.engine.grammar import Grammar, GrammarCompiler
 from sglbatch.engine.inbox import (
     Abort,
@@ -29,12 +30,17 @@ from sglbatch.engine.inbox import (
     Stop,
     StopProfile,
 )
-from sglbatch.engine.inputs import RequestExtras, RequestInput, normalize_inputs
+from sglbatch.engine.inputs import (
+    RequestBatch,
+    RequestInput,
+    normalize_inputs,
+    requests_from_generate_args,
+)
 from sglbatch.engine.model_runner import ModelRunner
 from sglbatch.engine.model_source import resolve_model_path
-from sglbatch.engine.profiler import ProfileSession
 from sglbatch.engine.output_processor import OutputProcessor, Sink, TrackedRequest
-from sglbatch.engine.request import FinishReason, Req, derive_seed
+from sglbatch.engine.profiler import ProfileSession
+from sglbatch.engine.request import Req, derive_seed
 from sglbatch.engine.scheduler import Scheduler
 from sglbatch.engine.stats import EngineStats
 from sglbatch.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -74,7 +80,7 @@ class Engine:
         self._profile: ProfileSession | None = None  # engine thread only
         self._last_trace: Path | None = None
         ready: queue.Queue[BaseException | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(model_dir, ready),
+        self._thread = threading.Thread(target=self._engine_thread, args=(model_dir, ready),
                                         name="sglbatch-engine", daemon=True)
         self._thread.start()
         error = ready.get()
@@ -82,7 +88,7 @@ class Engine:
             self._thread.join()
             raise error
 
-    def _run(self, model_dir: Any, ready: queue.Queue) -> None:
+    def _engine_thread(self, model_dir: Any, ready: queue.Queue) -> None:
         """The engine thread: build the model side, report readiness, then loop."""
         try:
             if self.config.num_threads:
@@ -104,38 +110,68 @@ class Engine:
     def generate(self, prompt: Any = None, sampling_params: Any = None, input_ids: Any = None,
                  messages: Any = None, rid: Any = None, stream: bool = False,
                  **extras: Any) -> Any:
-        """Blocking generation. One prompt -> a dict; a list -> a list of dicts (same order;
-        a prompt with n > 1 gives n consecutive dicts). With `stream=True`, an iterator of
-        delta dicts (each carries `index` for batches). `extras`: SGLang's return_logprob,
-        logprob_start_len, top_logprobs_num, token_ids_logprob, return_text_in_logprobs,
-        custom_logit_processor."""
-        inputs, is_batch = self._normalize(prompt, input_ids, messages, sampling_params, rid,
-                                           extras)
-        results: queue.Queue[tuple[int, dict[str, Any]]] = queue.Queue()
-        self._submit(inputs, lambda i, out: results.put((i, out)), stream)
+        """SGLang's blocking `generate`, with its dict arguments and dict results. One prompt
+        -> a dict; a list -> a list of dicts (same order; a prompt with n > 1 gives n
+        consecutive dicts). With `stream=True`, an iterator of delta dicts (each carries
+        `index` for batches). `extras`: SGLang's return_logprob, logprob_start_len,
+        top_logprobs_num, token_ids_logprob, return_text_in_logprobs,
+        custom_logit_processor. Typed callers use `run` / `stream`."""
+        batch = requests_from_generate_args(prompt, input_ids, messages, sampling_params, rid,
+                                            **extras)
         if stream:
-            return self._iter_stream(results, inputs, is_batch)
-        outputs: list[dict[str, Any] | None] = [None] * len(inputs)
-        while any(o is None for o in outputs):
-            i, out = results.get()
-            outputs[i] = out
-        _raise_engine_errors(outputs)
-        return outputs if is_batch else outputs[0]
+            return _json_deltas(self._stream(batch), batch.returns_list)
+        outputs = [out.to_json() for out in self._run(batch)]
+        return outputs if batch.returns_list else outputs[0]
 
     async def async_generate(self, prompt: Any = None, sampling_params: Any = None,
                              input_ids: Any = None, messages: Any = None, rid: Any = None,
                              stream: bool = False, **extras: Any) -> Any:
         """As SGLang: awaits the final dict(s), or with `stream=True` returns an async
         iterator of delta dicts. Closing the iterator early aborts the request(s)."""
-        inputs, is_batch = self._normalize(prompt, input_ids, messages, sampling_params, rid,
-                                           extras)
-        loop = asyncio.get_running_loop()
-        results: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue()
-        self._submit(inputs, lambda i, out: loop.call_soon_threadsafe(
-            results.put_nowait, (i, out)), stream)
+        batch = requests_from_generate_args(prompt, input_ids, messages, sampling_params, rid,
+                                            **extras)
         if stream:
-            return self._aiter_stream(results, inputs, is_batch)
-        outputs: list[dict[str, Any] | None] = [None] * len(inputs)
+            return _async_json_deltas(self._stream_async(batch), batch.returns_list)
+        outputs = [out.to_json() for out in await self._run_async(batch)]
+        return outputs if batch.returns_list else outputs[0]
+
+    def run(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        """Generate for each request, blocking; a request with n > 1 gives n consecutive
+        outputs. Raises ValueError (naming the field) before anything runs, EngineError if
+        an engine failure took a request down."""
+        return self._run(RequestBatch(requests, len(requests) > 1))
+
+    async def run_async(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        """`run` for async callers; cancelling it aborts the requests."""
+        return await self._run_async(RequestBatch(requests, len(requests) > 1))
+
+    def stream(self, requests: list[GenerateRequest]) -> Iterator[StreamDelta]:
+        """Deltas as tokens arrive (`index` says whose); validated and submitted now.
+        Closing the iterator early aborts the requests."""
+        return self._stream(RequestBatch(requests, len(requests) > 1))
+
+    async def stream_async(self, requests: list[GenerateRequest]) -> AsyncIterator[StreamDelta]:
+        """`stream` for async callers."""
+        return self._stream_async(RequestBatch(requests, len(requests) > 1))
+
+    def _run(self, batch: RequestBatch) -> list[GenerateOutput]:
+        inputs = self._normalize(batch)
+        results: queue.Queue[tuple[int, GenerateOutput]] = queue.Queue()
+        self._submit(inputs, lambda i, out: results.put((i, out)), stream=False)
+        outputs: list[GenerateOutput | None] = [None] * len(inputs)
+        while any(o is None for o in outputs):
+            i, out = results.get()
+            outputs[i] = out
+        _raise_engine_errors(outputs)
+        return outputs
+
+    async def _run_async(self, batch: RequestBatch) -> list[GenerateOutput]:
+        inputs = self._normalize(batch)
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue[tuple[int, GenerateOutput]] = asyncio.Queue()
+        self._submit(inputs, lambda i, out: loop.call_soon_threadsafe(
+            results.put_nowait, (i, out)), stream=False)
+        outputs: list[GenerateOutput | None] = [None] * len(inputs)
         try:
             while any(o is None for o in outputs):
                 i, out = await results.get()
@@ -144,7 +180,21 @@ class Engine:
             self._abort_all(inputs)
             raise
         _raise_engine_errors(outputs)
-        return outputs if is_batch else outputs[0]
+        return outputs
+
+    def _stream(self, batch: RequestBatch) -> Iterator[StreamDelta]:
+        inputs = self._normalize(batch)  # here, so bad input raises before iteration
+        results: queue.Queue[tuple[int, GenerateOutput]] = queue.Queue()
+        self._submit(inputs, lambda i, out: results.put((i, out)), stream=True)
+        return self._iter_stream(results, inputs)
+
+    def _stream_async(self, batch: RequestBatch) -> AsyncIterator[StreamDelta]:
+        inputs = self._normalize(batch)
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue[tuple[int, GenerateOutput]] = asyncio.Queue()
+        self._submit(inputs, lambda i, out: loop.call_soon_threadsafe(
+            results.put_nowait, (i, out)), stream=True)
+        return self._aiter_stream(results, inputs)
 
     def abort(self, rid: str) -> None:
         self._inbox.put(Abort(rid))
@@ -211,22 +261,13 @@ class Engine:
 
     # ---- submission -------------------------------------------------------------------
 
-    def _normalize(self, prompt: Any, input_ids: Any, messages: Any, sampling_params: Any,
-                   rid: Any, extras: dict[str, Any]) -> tuple[list[RequestInput], bool]:
+    def _normalize(self, batch: RequestBatch) -> list[RequestInput]:
         if self._broken is not None:
             raise EngineError(self._broken)
         if self._stopped:
             raise RuntimeError("the engine has been shut down")
-        try:
-            request_extras = RequestExtras(**extras)
-        except TypeError:
-            known = [f for f in RequestExtras.__dataclass_fields__]
-            raise ValueError(f"generate: unknown argument(s) {sorted(extras)}; "
-                             f"valid extras are {known}") from None
         return normalize_inputs(
-            self.tokenizer, prompt=prompt, input_ids=input_ids, messages=messages,
-            sampling_params=sampling_params, rid=rid, extras=request_extras,
-            vocab_size=self.model_runner.model_config.vocab_size,
+            self.tokenizer, batch, vocab_size=self.model_runner.model_config.vocab_size,
             max_req_len=self.model_runner.max_req_len, compile_grammar=self._compile_grammar,
             allow_custom_logit_processor=self.config.enable_custom_logit_processor)
 
@@ -256,26 +297,26 @@ class Engine:
                 self._inbox.put(AddRequests(group))
                 group = []
 
-    def _iter_stream(self, results: queue.Queue, inputs: list[RequestInput],
-                     is_batch: bool) -> Iterator[dict[str, Any]]:
+    def _iter_stream(self, results: queue.Queue, inputs: list[RequestInput]
+                     ) -> Iterator[StreamDelta]:
         remaining = len(inputs)
         try:
             while remaining:
-                delta, finished = _stream_delta(results.get(), is_batch)
-                remaining -= finished
+                delta = _stream_delta(results.get())
+                remaining -= delta.finished
                 _raise_engine_errors([delta])
                 yield delta
         finally:
             if remaining:  # the caller stopped early: free what it no longer wants
                 self._abort_all(inputs)
 
-    async def _aiter_stream(self, results: asyncio.Queue, inputs: list[RequestInput],
-                            is_batch: bool) -> AsyncIterator[dict[str, Any]]:
+    async def _aiter_stream(self, results: asyncio.Queue, inputs: list[RequestInput]
+                            ) -> AsyncIterator[StreamDelta]:
         remaining = len(inputs)
         try:
             while remaining:
-                delta, finished = _stream_delta(await results.get(), is_batch)
-                remaining -= finished
+                delta = _stream_delta(await results.get())
+                remaining -= delta.finished
                 _raise_engine_errors([delta])
                 yield delta
         finally:
@@ -482,16 +523,33 @@ def _error_message(error: BaseException) -> str:
     return f"engine error: {type(error).__name__}: {error}"
 
 
-def _raise_engine_errors(outputs: list[dict[str, Any]]) -> None:
+def _raise_engine_errors(outputs: list[GenerateOutput]) -> None:
     """Raise EngineError if an engine failure finished any of `outputs`."""
-    errors = [m for m in map(engine_error_in, outputs) if m is not None]
+    errors = [out.finish_reason.engine_error for out in outputs
+              if out.finish_reason is not None and out.finish_reason.engine_error]
     if errors:
         failed = f"{len(errors)} of {len(outputs)} requests failed: " if len(outputs) > 1 else ""
         raise EngineError(failed + errors[0])
 
 
-def _stream_delta(item: tuple[int, dict[str, Any]], is_batch: bool) -> tuple[dict[str, Any], bool]:
-    """A sink item as the caller sees it (batches carry `index`), and whether it is the last."""
+def _stream_delta(item: tuple[int, GenerateOutput]) -> StreamDelta:
     index, out = item
-    finished = out["meta_info"]["finish_reason"] is not None
-    return ({**out, "index": index} if is_batch else out), finished
+    return StreamDelta(out.text, out.output_ids, out.meta_info, index=index)
+
+
+def _json_deltas(deltas: Iterator[StreamDelta], with_index: bool) -> Iterator[dict[str, Any]]:
+    """SGLang's delta dicts; closing this closes (and so aborts) the typed stream."""
+    try:
+        for delta in deltas:
+            yield delta.to_json(with_index)
+    finally:
+        deltas.close()
+
+
+async def _async_json_deltas(deltas: AsyncIterator[StreamDelta], with_index: bool
+                             ) -> AsyncIterator[dict[str, Any]]:
+    try:
+        async for delta in deltas:
+            yield delta.to_json(with_index)
+    finally:
+        await deltas.aclose()

@@ -20,8 +20,8 @@ from sglbatch.engine.layers.compile import compile_elementwise
 from sglbatch.engine.layers.linear import pack_linears
 from sglbatch.engine.layers.norm import use_fused_kernel
 from sglbatch.engine.loader import load_weights
-from sglbatch.engine.models import create_model
 from sglbatch.engine.logprobs import StepLogprobs, gather_step_logprobs
+from sglbatch.engine.models import create_model
 from sglbatch.engine.sampler import SamplingBatch, output_logprobs, process_logits, sample
 from sglbatch.engine.trace import trace_range
 

@@ -9,16 +9,16 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from sglbatch.engine.api_types import FinishReason, GenerateOutput, MetaInfo
 from sglbatch.engine.logprobs import meta_info_fields
-from sglbatch.engine.request import FinishReason, Req
+from sglbatch.engine.request import Req
 from sglbatch.engine.stats import EngineStats
 from sglbatch.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop_string
 
 logger = logging.getLogger(__name__)
 
-Sink = Callable[[int, dict[str, Any]], None]  # (index within the call, output dict)
+Sink = Callable[[int, GenerateOutput], None]  # (index within the call, the output)
 
 
 @dataclass(eq=False)
@@ -109,11 +109,10 @@ class OutputProcessor:
         req.finish_reason = reason
         self.stats.on_finish(len(req.input_ids), req.cached_tokens, len(req.output_ids),
                              time.perf_counter() - tracked.created, None, aborted=True)
-        _deliver(tracked, {"text": "", "output_ids": [], "meta_info": {
-            "id": req.rid, "finish_reason": reason.to_json(),
-            "prompt_tokens": len(req.input_ids), "completion_tokens": len(req.output_ids),
-            "cached_tokens": req.cached_tokens,
-            "e2e_latency": time.perf_counter() - tracked.created}})
+        _deliver(tracked, GenerateOutput("", [], MetaInfo(
+            req.rid, reason, prompt_tokens=len(req.input_ids),
+            completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens,
+            e2e_latency=time.perf_counter() - tracked.created)))
 
     def _emit(self, tracked: TrackedRequest, visible_chars: int) -> None:
         req = tracked.req
@@ -127,29 +126,21 @@ class OutputProcessor:
             tracked.sent_ids = len(req.output_ids)
         else:
             text, ids = tracked.detok.text, list(req.output_ids)
-        _deliver(tracked, {"text": text, "output_ids": ids,
-                           "meta_info": self._meta_info(tracked, sent_ids)})
+        _deliver(tracked, GenerateOutput(text, ids, self._meta_info(tracked, sent_ids)))
 
-    def _meta_info(self, tracked: TrackedRequest, output_from: int) -> dict[str, Any]:
+    def _meta_info(self, tracked: TrackedRequest, output_from: int) -> MetaInfo:
         req = tracked.req
-        meta = {
-            "id": req.rid,
-            "finish_reason": req.finish_reason.to_json() if req.finish_reason else None,
-            "prompt_tokens": len(req.input_ids),
-            "completion_tokens": len(req.output_ids),
-            "cached_tokens": req.cached_tokens,
-            "e2e_latency": time.perf_counter() - tracked.created,
-        }
-        if req.logprob_options is not None:
-            meta.update(meta_info_fields(req.logprob_options, req.logprobs, output_from,
-                                         self._token_text))
-        return meta
+        logprobs = {} if req.logprob_options is None else meta_info_fields(
+            req.logprob_options, req.logprobs, output_from, self._token_text)
+        return MetaInfo(req.rid, req.finish_reason, prompt_tokens=len(req.input_ids),
+                        completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens,
+                        e2e_latency=time.perf_counter() - tracked.created, logprobs=logprobs)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _deliver(tracked: TrackedRequest, output: dict[str, Any]) -> None:
+def _deliver(tracked: TrackedRequest, output: GenerateOutput) -> None:
     try:
         tracked.sink(tracked.index, output)
     except Exception:  # e.g. the caller's event loop is gone: its loss, nobody else's

@@ -16,13 +16,14 @@ from collections import deque
 
 import torch
 
+from sglbatch.engine.api_types import FinishReason
 from sglbatch.engine.batch import Batch, ForwardMode, StepResult
 from sglbatch.engine.cache_manager import CacheManager
 from sglbatch.engine.config import EngineConfig
 from sglbatch.engine.logprobs import first_input_step
 from sglbatch.engine.policy import NewTokenRatio, order_waiting
 from sglbatch.engine.radix_cache import RadixCache
-from sglbatch.engine.request import FinishReason, Req
+from sglbatch.engine.request import Req
 
 logger = logging.getLogger(__name__)
 

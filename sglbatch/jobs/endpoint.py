@@ -1,4 +1,4 @@
-"""A running server as a job's engine: `async_generate` over HTTP, with SGLang-shaped results.
+"""A running server as a job's engine: `run_async` over HTTP, with typed results.
 
 `api: native` posts prompts to SGLang's /generate (ours or SGLang's); `api: openai` posts
 prompts to /v1/completions and messages to /v1/chat/completions of any OpenAI-compatible
@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 
+from sglbatch.engine.api_types import FinishReason, GenerateOutput, GenerateRequest, MetaInfo
 from sglbatch.jobs.spec import EndpointSpec
 from sglbatch.openai_names import to_openai
 
@@ -43,27 +44,33 @@ class EndpointClient:
         self._timeout = timeout
         self._client: httpx.AsyncClient | None = None
 
-    async def async_generate(self, prompt: str | None = None,
-                             messages: list[dict[str, Any]] | None = None,
-                             sampling_params: dict[str, Any] | None = None) -> dict[str, Any]:
-        params = dict(sampling_params or {})
+    async def run_async(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
+        """As `Engine.run_async`: the server tokenizes, so requests carry a prompt or
+        messages."""
+        return list(await asyncio.gather(*map(self._generate, requests)))
+
+    async def _generate(self, request: GenerateRequest) -> GenerateOutput:
+        params = request.sampling_params.to_json()
         if self.spec.api == "native":
-            if messages is not None:
+            if request.messages is not None:
                 raise ValueError("endpoint.api native takes prompts; use api: openai for "
                                  "messages jobs")
-            body = await self._post("/generate", {"text": prompt, "sampling_params": params})
-            return body
+            body = await self._post("/generate", {"text": request.prompt,
+                                                  "sampling_params": params})
+            return GenerateOutput(body["text"], body.get("output_ids") or [],
+                                  MetaInfo.from_json(body["meta_info"]))
         openai_params = to_openai(params)
         if self.spec.model:
             openai_params["model"] = self.spec.model
-        if messages is not None:
+        if request.messages is not None:
             body = await self._post("/v1/chat/completions",
-                                    {"messages": messages, **openai_params})
+                                    {"messages": request.messages, **openai_params})
             text = body["choices"][0]["message"]["content"] or ""
         else:
-            body = await self._post("/v1/completions", {"prompt": prompt, **openai_params})
+            body = await self._post("/v1/completions", {"prompt": request.prompt,
+                                                        **openai_params})
             text = body["choices"][0]["text"]
-        return {"text": text, "meta_info": _openai_meta(body)}
+        return GenerateOutput(text, [], _openai_meta(body))
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         if self._client is None:
@@ -103,11 +110,12 @@ def _message(response: httpx.Response) -> str:
         return response.text[:300]
 
 
-def _openai_meta(body: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI usage and finish reason in `meta_info`'s shape."""
+def _openai_meta(body: dict[str, Any]) -> MetaInfo:
+    """OpenAI usage and finish reason as meta_info."""
     usage = body.get("usage") or {}
     details = usage.get("prompt_tokens_details") or {}
-    return {"id": body.get("id"), "finish_reason": {"type": body["choices"][0]["finish_reason"]},
-            "prompt_tokens": usage.get("prompt_tokens", 0),
-            "completion_tokens": usage.get("completion_tokens", 0),
-            "cached_tokens": details.get("cached_tokens") or 0}
+    reason = body["choices"][0]["finish_reason"]
+    return MetaInfo(body.get("id"), FinishReason.from_json({"type": reason}),
+                    prompt_tokens=usage.get("prompt_tokens", 0),
+                    completion_tokens=usage.get("completion_tokens", 0),
+                    cached_tokens=details.get("cached_tokens") or 0)

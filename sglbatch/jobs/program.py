@@ -13,8 +13,10 @@ import inspect
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
+from sglbatch.engine.api_types import GenerateOutput, MetaInfo
 from sglbatch.jobs.render import RowError
 from sglbatch.jobs.spec import JobSpec
 
@@ -52,8 +54,24 @@ def program_backend(job: JobSpec, engine: Any) -> Any:
                   api_key=key or "EMPTY")
 
 
+@dataclass
+class ProgramCall:
+    """One row's program run: the program's arguments and its program-wide sampling
+    defaults (keyword arguments of `run`, as SGLang's programs take them)."""
+
+    arguments: dict[str, Any]
+    sampling: dict[str, Any]
+
+
+@dataclass
+class ProgramOutput(GenerateOutput):
+    """A program's text, token totals over its `gen`s, and its named variables."""
+
+    variables: dict[str, Any] = field(default_factory=dict)
+
+
 class ProgramEngine:
-    """`async_generate` for program jobs: runs the program on one row's arguments."""
+    """Runs the job's program on one row's arguments per call."""
 
     def __init__(self, job: JobSpec, backend: Any):
         self.fn = load_program(job.program)
@@ -71,17 +89,18 @@ class ProgramEngine:
                            f"{missing}")
         return {p.name: row[p.name] for p in self._params if p.name in row}
 
-    async def async_generate(self, arguments: dict[str, Any],
-                             sampling_params: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(sampling_params) - self._run_params)
-        if unknown:
-            raise ValueError(f"sampling: {unknown} cannot be program-wide defaults; set them "
-                             "on the program's gen calls")
+    async def run_async(self, calls: list[ProgramCall]) -> list[ProgramOutput]:
+        for call in calls:
+            unknown = sorted(set(call.sampling) - self._run_params)
+            if unknown:
+                raise ValueError(f"sampling: {unknown} cannot be program-wide defaults; set "
+                                 "them on the program's gen calls")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, self._run, arguments, sampling_params)
+        return list(await asyncio.gather(*(loop.run_in_executor(self.pool, self._run, call)
+                                           for call in calls)))
 
-    def _run(self, arguments: dict[str, Any], sampling: dict[str, Any]) -> dict[str, Any]:
-        state = self.fn.run(**arguments, **sampling, backend=self.backend)
+    def _run(self, call: ProgramCall) -> ProgramOutput:
+        state = self.fn.run(**call.arguments, **call.sampling, backend=self.backend)
         try:
             state.sync()
         except Exception as e:  # the program's own error: the row's error record
@@ -93,9 +112,10 @@ class ProgramEngine:
                  if isinstance(m := state.get_meta_info(name), dict) and "prompt_tokens" in m}
         totals = {f: sum(m.get(f) or 0 for m in metas.values()) for f in _TOKEN_FIELDS}
         # Round-trip through JSON so the record holds only what the writer can write.
-        return json.loads(json.dumps({"text": state.text(), "variables": variables,
-                                      "meta_info": {**totals, "variables": metas}},
-                                     default=str))
+        variables, metas = json.loads(json.dumps([variables, metas], default=str))
+        return ProgramOutput(state.text(), [], MetaInfo(None, None, **totals,
+                                                        extra={"variables": metas}),
+                             variables=variables)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

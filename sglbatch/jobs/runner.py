@@ -15,11 +15,13 @@ from typing import Any
 
 from rich.console import Console
 
+from sglbatch.engine.api_types import GenerateOutput, GenerateRequest
 from sglbatch.engine.chat_messages import validate_messages
 from sglbatch.engine.errors import EngineError
+from sglbatch.engine.sampling_params import SamplingParams
 from sglbatch.jobs.endpoint import EndpointClient
 from sglbatch.jobs.order import order_by_prefix
-from sglbatch.jobs.program import ProgramEngine, program_backend
+from sglbatch.jobs.program import ProgramCall, ProgramEngine, ProgramOutput, program_backend
 from sglbatch.jobs.progress import JobProgress, JobStats
 from sglbatch.jobs.reader import Row, count_rows, iter_rows
 from sglbatch.jobs.render import RowError, render_input, render_sampling
@@ -36,9 +38,8 @@ class TooManyErrors(RuntimeError):
 @dataclass
 class _Prepared:
     row: Row
-    request: dict[str, Any]  # async_generate's input: input_ids, or prompt / messages
+    request: GenerateRequest | ProgramCall
     order_key: tuple  # token ids (in-process), else the text: shared prefixes sort together
-    sampling: dict[str, Any]
 
 
 class JobRunner:
@@ -86,12 +87,17 @@ class JobRunner:
         if isinstance(self.engine, ProgramEngine):
             arguments = self.engine.arguments(row.data)
             key = json.dumps(arguments, sort_keys=True, default=str)
-            return _Prepared(row, {"arguments": arguments}, tuple(key), sampling)
+            return _Prepared(row, ProgramCall(arguments, sampling), tuple(key))
+        try:
+            params = SamplingParams.from_dict(sampling)
+        except ValueError as e:  # an unknown key in the row's sampling column
+            raise RowError(str(e)) from None
         request = render_input(self.job, row)
         if self.job.endpoint is not None:  # the server tokenizes
             key = request if isinstance(request, str) else json.dumps(request)
             kind = "prompt" if isinstance(request, str) else "messages"
-            return _Prepared(row, {kind: request}, tuple(key), sampling)
+            return _Prepared(row, GenerateRequest(**{kind: request}, sampling_params=params),
+                             tuple(key))
         tokenizer = self.engine.tokenizer
         if isinstance(request, str):
             input_ids = tokenizer.encode(request)
@@ -104,7 +110,8 @@ class JobRunner:
                 input_ids = tokenizer.apply_chat_template(request)
             except Exception as e:  # a template that rejects these messages
                 raise RowError(f"messages: the chat template rejected them: {e}") from e
-        return _Prepared(row, {"input_ids": input_ids}, tuple(input_ids), sampling)
+        return _Prepared(row, GenerateRequest(input_ids=input_ids, sampling_params=params),
+                         tuple(input_ids))
 
     async def _run_window(self, rows: list[Row], writer: ResultWriter) -> None:
         prepared = []
@@ -120,8 +127,7 @@ class JobRunner:
         async def one(p: _Prepared) -> None:
             async with inflight:
                 try:
-                    out = await self.engine.async_generate(**p.request,
-                                                           sampling_params=p.sampling)
+                    [out] = await self.engine.run_async([p.request])
                 except (ValueError, EngineError) as e:  # a bad row, or a failed engine step
                     self._record_error(writer, p.row, str(e))
                     return
@@ -139,19 +145,19 @@ class JobRunner:
         data = row.data or {}
         return {c: data.get(c) for c in self.job.output.keep_columns}
 
-    def _record_result(self, writer: ResultWriter, row: Row, out: dict[str, Any]) -> None:
-        meta = out["meta_info"]
-        if meta.get("finish_reason", {}).get("type") == "abort":
-            self._record_error(writer, row, f"aborted: {meta['finish_reason'].get('message')}")
+    def _record_result(self, writer: ResultWriter, row: Row, out: GenerateOutput) -> None:
+        meta = out.meta_info
+        if meta.finish_reason is not None and meta.finish_reason.kind == "abort":
+            self._record_error(writer, row, f"aborted: {meta.finish_reason.message}")
             return
-        variables = {"variables": out["variables"]} if "variables" in out else {}
+        variables = {"variables": out.variables} if isinstance(out, ProgramOutput) else {}
         writer.add({"id": row.id, "index": row.index, **self._kept_columns(row),
-                    "text": out["text"], **variables, "meta_info": meta})
+                    "text": out.text, **variables, "meta_info": meta.to_json()})
         s = self.stats
         s.rows += 1
-        s.prompt_tokens += meta["prompt_tokens"]
-        s.output_tokens += meta["completion_tokens"]
-        s.cached_tokens += meta["cached_tokens"]
+        s.prompt_tokens += meta.prompt_tokens
+        s.output_tokens += meta.completion_tokens
+        s.cached_tokens += meta.cached_tokens
         self._progress.advance()
 
     def _record_error(self, writer: ResultWriter, row: Row, message: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from sglbatch.engine.request import SamplingParams
+from sglbatch.engine.sampling_params import SamplingParams
 
 INPUT_FORMATS = ("jsonl", "parquet", "csv")
 OUTPUT_FORMATS = ("jsonl", "parquet")

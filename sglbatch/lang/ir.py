@@ -12,6 +12,7 @@ import dataclasses
 import warnings
 from typing import Any
 
+from sglbatch.engine.sampling_params import SamplingParams
 from sglbatch.lang.choices import ChoicesSamplingMethod
 from sglbatch.openai_names import to_openai
 
@@ -20,6 +21,8 @@ REGEX_INT = r"[-+]?[0-9]+[ \n]*"
 REGEX_FLOAT = r"[-+]?[0-9]*\.?[0-9]+[ \n]*"
 REGEX_BOOL = r"(True|False)"
 REGEX_STR = r"\"[\w\d\s]*\""
+_LOGPROB_ARGS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
+                 "return_text_in_logprobs")
 
 
 @dataclasses.dataclass
@@ -111,6 +114,15 @@ class SglSamplingParams:
             "frequency_penalty": self.frequency_penalty,
             "presence_penalty": self.presence_penalty,
         }
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The engine's (and a server's) sampling parameters for this gen call."""
+        return SamplingParams.from_dict(self.to_srt_kwargs())
+
+    def logprob_args(self) -> dict[str, Any]:
+        """The logprob arguments this gen call set (SGLang's generate arguments)."""
+        return {name: getattr(self, name) for name in _LOGPROB_ARGS
+                if getattr(self, name) is not None}
 
     def to_srt_kwargs(self) -> dict[str, Any]:
         return {

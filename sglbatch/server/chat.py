@@ -3,6 +3,7 @@ chat.completion.chunk streams."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -10,10 +11,18 @@ from typing import Any
 
 from fastapi import Request
 
+from sglbatch.engine.api_types import GenerateRequest, MetaInfo, StreamDelta
 from sglbatch.engine.chat_messages import validate_messages
 from sglbatch.server.errors import APIError, bad_request
-from sglbatch.server.openai_common import (finish_reason, matched_stop, new_id, now,
-                                           resolve_max_tokens, sampling_params, usage)
+from sglbatch.server.openai_common import (
+    finish_reason,
+    matched_stop,
+    new_id,
+    now,
+    resolve_max_tokens,
+    sampling_params,
+    usage,
+)
 from sglbatch.server.protocol import ChatCompletionRequest
 from sglbatch.server.state import ServerState
 from sglbatch.server.streaming import await_or_abort, sse
@@ -126,38 +135,39 @@ async def _start(state: ServerState, req: ChatCompletionRequest, plan: _ToolPlan
         params = sampling_params(req, resolve_max_tokens(
             req.max_completion_tokens if req.max_completion_tokens is not None
             else req.max_tokens, engine.model_runner.max_req_len, "max_tokens"))
-        params.update(_structured(req))
+        params = dataclasses.replace(params, **_structured(req))
         if plan is not None and plan.constrained:
-            if any(k in params for k in ("json_schema", "regex", "ebnf")):
+            if params.constraint is not None:
                 raise APIError(400, "tool_choice: a required or named tool call cannot be "
                                     "combined with response_format, json_schema, regex or "
                                     "ebnf", "tool_choice")
-            params["json_schema"] = tool_choice_constraint(plan.tools, plan.tool_choice,
-                                                           req.parallel_tool_calls)
+            params.json_schema = tool_choice_constraint(plan.tools, plan.tool_choice,
+                                                        req.parallel_tool_calls)
         top = req.top_logprobs or 0
         if top and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-        return await engine.async_generate(
-            input_ids=[prompt_ids], sampling_params=params, stream=stream,
+        request = GenerateRequest(
+            input_ids=prompt_ids, sampling_params=params, rid=req.rid,
             return_logprob=req.logprobs, top_logprobs_num=top, return_text_in_logprobs=True,
-            custom_logit_processor=req.custom_logit_processor,
-            rid=[req.rid] if req.rid else None)
+            custom_logit_processor=req.custom_logit_processor)
+        run = engine.stream_async if stream else engine.run_async
+        return await run([request])
     except ValueError as e:
         raise bad_request(e) from None
 
 
-def _logprobs(meta: dict[str, Any], start: int = 0) -> dict[str, Any] | None:
-    entries = meta.get("output_token_logprobs")
+def _logprobs(meta: MetaInfo) -> dict[str, Any] | None:
+    entries = meta.logprobs.get("output_token_logprobs")
     if entries is None:
         return None
-    tops = meta.get("output_top_logprobs") or [None] * len(entries)
+    tops = meta.logprobs.get("output_top_logprobs") or [None] * len(entries)
 
     def item(lp: float, text: str) -> dict[str, Any]:
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
     return {"content": [
         {**item(lp, text), "top_logprobs": [item(t_lp, t_text) for t_lp, _, t_text in top or []]}
-        for (lp, _, text), top in zip(entries[start:], tops[start:])]}
+        for (lp, _, text), top in zip(entries, tops)]}
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
@@ -167,15 +177,16 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     outputs = await (await_or_abort(request, work) if request else work)
     choices = []
     for i, out in enumerate(outputs):
-        reason = finish_reason(out["meta_info"])
-        message = {"role": "assistant", "content": out["text"], "tool_calls": None}
+        reason = finish_reason(out.meta_info)
+        message = {"role": "assistant", "content": out.text, "tool_calls": None}
         if plan is not None:
-            message, called = plan.message(out["text"])
+            message, called = plan.message(out.text)
             reason = "tool_calls" if called and reason == "stop" else reason
-        choices.append({"index": i, "message": message, "logprobs": _logprobs(out["meta_info"]),
-                        "finish_reason": reason, "matched_stop": matched_stop(out["meta_info"])})
+        choices.append({"index": i, "message": message, "logprobs": _logprobs(out.meta_info),
+                        "finish_reason": reason, "matched_stop": matched_stop(out.meta_info)})
     return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(),
-            "model": state.model_name, "choices": choices, "usage": usage(outputs, req.n)}
+            "model": state.model_name, "choices": choices,
+            "usage": usage([out.meta_info for out in outputs], req.n)}
 
 
 async def stream_chat_completion(state: ServerState,
@@ -186,10 +197,10 @@ async def stream_chat_completion(state: ServerState,
 
 
 async def _chat_events(state: ServerState, req: ChatCompletionRequest, plan: _ToolPlan | None,
-                       deltas: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+                       deltas: AsyncIterator[StreamDelta]) -> AsyncIterator[str]:
     chunk_id, created = new_id("chatcmpl"), now()
     options = req.stream_options
-    finals: dict[int, dict[str, Any]] = {}
+    finals: dict[int, MetaInfo] = {}
     tool_streams = {i: plan.stream() for i in range(req.n)} if plan else {}
 
     def content_delta(index: int, text: str, finished: bool) -> tuple[dict[str, Any], bool]:
@@ -207,29 +218,29 @@ async def _chat_events(state: ServerState, req: ChatCompletionRequest, plan: _To
         return delta, bool(parser.tool_calls)
 
     def chunk(index: int, delta: dict[str, Any], reason: str | None = None,
-              logprobs: Any = None, meta: dict[str, Any] | None = None) -> str:
+              logprobs: Any = None, meta: MetaInfo | None = None) -> str:
         body = {"id": chunk_id, "object": "chat.completion.chunk", "created": created,
                 "model": state.model_name,
                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                              "finish_reason": reason}]}
-        if reason is not None:
-            body["choices"][0]["matched_stop"] = matched_stop(meta or {})
+        if reason is not None and meta is not None:
+            body["choices"][0]["matched_stop"] = matched_stop(meta)
         if options and options.continuous_usage_stats and meta is not None:
-            body["usage"] = usage([{"meta_info": meta}], 1)
+            body["usage"] = usage([meta], 1)
         return sse(body)
 
     for index in range(req.n):
         yield chunk(index, {"role": "assistant", "content": ""})
     async for delta in deltas:
-        index, meta = delta.get("index", 0), delta["meta_info"]
+        index, meta = delta.index, delta.meta_info
         reason = finish_reason(meta)
-        if delta["text"] or delta["output_ids"] or reason:
-            body, called = content_delta(index, delta["text"], reason is not None)
+        if delta.text or delta.output_ids or reason:
+            body, called = content_delta(index, delta.text, reason is not None)
             if called and reason == "stop":
                 reason = "tool_calls"
             yield chunk(index, body, reason, _logprobs(meta), meta)
         if reason is not None:
-            finals[index] = {"meta_info": meta}
+            finals[index] = meta
     if options and options.include_usage:
         yield sse({"id": chunk_id, "object": "chat.completion.chunk", "created": created,
                    "model": state.model_name, "choices": [],

@@ -8,9 +8,17 @@ from typing import Any
 
 from fastapi import Request
 
+from sglbatch.engine.api_types import GenerateRequest, MetaInfo, StreamDelta
 from sglbatch.server.errors import APIError, bad_request
-from sglbatch.server.openai_common import (finish_reason, matched_stop, new_id, now,
-                                           resolve_max_tokens, sampling_params, usage)
+from sglbatch.server.openai_common import (
+    finish_reason,
+    matched_stop,
+    new_id,
+    now,
+    resolve_max_tokens,
+    sampling_params,
+    usage,
+)
 from sglbatch.server.protocol import CompletionRequest
 from sglbatch.server.state import ServerState
 from sglbatch.server.streaming import await_or_abort, sse
@@ -40,24 +48,26 @@ async def _start(state: ServerState, req: CompletionRequest, stream: bool) -> An
     try:
         params = sampling_params(req, resolve_max_tokens(
             req.max_tokens, engine.model_runner.max_req_len, "max_tokens"))
-        logprobs = req.logprobs is not None
-        result = await engine.async_generate(
-            input_ids=prompts, sampling_params=params, stream=stream,
-            return_logprob=logprobs, logprob_start_len=0 if req.echo else -1,
-            top_logprobs_num=req.logprobs or 0, return_text_in_logprobs=True,
-            custom_logit_processor=req.custom_logit_processor)
+        requests = [GenerateRequest(
+            input_ids=ids, sampling_params=params, return_logprob=req.logprobs is not None,
+            logprob_start_len=0 if req.echo else -1, top_logprobs_num=req.logprobs or 0,
+            return_text_in_logprobs=True, custom_logit_processor=req.custom_logit_processor)
+            for ids in prompts]
+        run = engine.stream_async if stream else engine.run_async
+        result = await run(requests)
     except ValueError as e:
         raise bad_request(e) from None
     return prompts, result
 
 
-def _legacy_logprobs(meta: dict[str, Any], echo: bool, offset: int) -> dict[str, Any] | None:
-    if "output_token_logprobs" not in meta:
+def _legacy_logprobs(meta: MetaInfo, echo: bool, offset: int) -> dict[str, Any] | None:
+    fields = meta.logprobs
+    if "output_token_logprobs" not in fields:
         return None
-    entries = (meta["input_token_logprobs"] if echo else []) + meta["output_token_logprobs"]
-    tops = ((meta.get("input_top_logprobs") or [None] * len(meta["input_token_logprobs"]))
-            if echo else []) + (meta.get("output_top_logprobs") or
-                                [None] * len(meta["output_token_logprobs"]))
+    entries = (fields["input_token_logprobs"] if echo else []) + fields["output_token_logprobs"]
+    tops = ((fields.get("input_top_logprobs") or [None] * len(fields["input_token_logprobs"]))
+            if echo else []) + (fields.get("output_top_logprobs") or
+                                [None] * len(fields["output_token_logprobs"]))
     text_offset = []
     for _, _, text in entries:
         text_offset.append(offset)
@@ -75,13 +85,14 @@ async def create_completion(state: ServerState, req: CompletionRequest,
     prompts, outputs = await (await_or_abort(request, work) if request else work)
     choices = []
     for i, out in enumerate(outputs):
-        meta = out["meta_info"]
+        meta = out.meta_info
         prefix = state.engine.tokenizer.decode(prompts[i // req.n]) if req.echo else ""
-        choices.append({"index": i, "text": prefix + out["text"],
+        choices.append({"index": i, "text": prefix + out.text,
                         "logprobs": _legacy_logprobs(meta, req.echo, 0),
                         "finish_reason": finish_reason(meta), "matched_stop": matched_stop(meta)})
     return {"id": new_id("cmpl"), "object": "text_completion", "created": now(),
-            "model": state.model_name, "choices": choices, "usage": usage(outputs, req.n)}
+            "model": state.model_name, "choices": choices,
+            "usage": usage([out.meta_info for out in outputs], req.n)}
 
 
 async def stream_completion(state: ServerState, req: CompletionRequest) -> AsyncIterator[str]:
@@ -90,21 +101,21 @@ async def stream_completion(state: ServerState, req: CompletionRequest) -> Async
 
 
 async def _completion_events(state: ServerState, req: CompletionRequest,
-                             prompts: list[list[int]], deltas: AsyncIterator[dict[str, Any]]
+                             prompts: list[list[int]], deltas: AsyncIterator[StreamDelta]
                              ) -> AsyncIterator[str]:
     cmpl_id, created = new_id("cmpl"), now()
-    finals: dict[int, dict[str, Any]] = {}
+    finals: dict[int, MetaInfo] = {}
     offsets: dict[int, int] = {}
     echoed: set[int] = set()
     async for delta in deltas:
-        index, meta = delta.get("index", 0), delta["meta_info"]
-        text = delta["text"]
+        index, meta = delta.index, delta.meta_info
+        text = delta.text
         if req.echo and index not in echoed:
             echoed.add(index)
             text = state.engine.tokenizer.decode(prompts[index // req.n]) + text
         reason = finish_reason(meta)
         logprobs = _legacy_logprobs(meta, False, offsets.get(index, 0))
-        offsets[index] = offsets.get(index, 0) + len(delta["text"])
+        offsets[index] = offsets.get(index, 0) + len(delta.text)
         if text or reason:
             yield sse({"id": cmpl_id, "object": "text_completion", "created": created,
                        "model": state.model_name,
@@ -112,7 +123,7 @@ async def _completion_events(state: ServerState, req: CompletionRequest,
                                     "finish_reason": reason,
                                     "matched_stop": matched_stop(meta) if reason else None}]})
         if reason is not None:
-            finals[index] = {"meta_info": meta}
+            finals[index] = meta
     if req.stream_options and req.stream_options.include_usage:
         yield sse({"id": cmpl_id, "object": "text_completion", "created": created,
                    "model": state.model_name, "choices": [],

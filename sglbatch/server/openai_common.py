@@ -7,6 +7,8 @@ import time
 import uuid
 from typing import Any
 
+from sglbatch.engine.api_types import MetaInfo
+from sglbatch.engine.sampling_params import SamplingParams
 from sglbatch.openai_names import from_openai
 from sglbatch.server.errors import APIError
 from sglbatch.server.protocol import SamplingExtras
@@ -20,14 +22,12 @@ def now() -> int:
     return int(time.time())
 
 
-def sampling_params(req: SamplingExtras, max_new_tokens: int) -> dict[str, Any]:
+def sampling_params(req: SamplingExtras, max_new_tokens: int) -> SamplingParams:
     """An OpenAI request's sampling fields as SGLang sampling parameters. Temperature and
     top_p default to OpenAI's 1.0; `max_new_tokens` is what the caller resolved."""
     fields = req.model_dump(exclude={"max_tokens", "max_completion_tokens"})
-    params = from_openai(fields)
-    params.setdefault("temperature", 1.0)
-    params.setdefault("top_p", 1.0)
-    return {**params, "max_new_tokens": max_new_tokens}
+    params = {"temperature": 1.0, "top_p": 1.0, **from_openai(fields)}
+    return SamplingParams.from_dict({**params, "max_new_tokens": max_new_tokens})
 
 
 def resolve_max_tokens(value: int | None, context_room: int, name: str) -> int:
@@ -38,26 +38,25 @@ def resolve_max_tokens(value: int | None, context_room: int, name: str) -> int:
     return value
 
 
-def finish_reason(meta: dict[str, Any]) -> str | None:
-    reason = meta.get("finish_reason")
+def finish_reason(meta: MetaInfo) -> str | None:
+    reason = meta.finish_reason
     if reason is None:
         return None
-    if reason["type"] == "abort":
-        raise APIError(500, f"the request was aborted: {reason.get('message')}")
-    return "length" if reason["type"] == "length" else "stop"
+    if reason.kind == "abort":
+        raise APIError(500, f"the request was aborted: {reason.message}")
+    return "length" if reason.kind == "length" else "stop"
 
 
-def matched_stop(meta: dict[str, Any]) -> Any:
-    reason = meta.get("finish_reason") or {}
-    return reason.get("matched")
+def matched_stop(meta: MetaInfo) -> int | str | None:
+    return None if meta.finish_reason is None else meta.finish_reason.matched
 
 
-def usage(outputs: list[dict[str, Any]], n: int) -> dict[str, Any]:
+def usage(metas: list[MetaInfo], n: int) -> dict[str, Any]:
     """Prompt tokens count once per prompt (its n samples share it), as OpenAI bills."""
-    prompts = outputs[::n]
-    prompt_tokens = sum(o["meta_info"]["prompt_tokens"] for o in prompts)
-    completion = sum(o["meta_info"]["completion_tokens"] for o in outputs)
-    cached = sum(o["meta_info"]["cached_tokens"] for o in prompts)
+    prompts = metas[::n]
+    prompt_tokens = sum(m.prompt_tokens for m in prompts)
+    completion = sum(m.completion_tokens for m in metas)
+    cached = sum(m.cached_tokens for m in prompts)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}

@@ -10,7 +10,8 @@ import torch
 from sglbatch.engine.kv_pool import KVPool
 from sglbatch.engine.policy import LPM_MAX_QUEUE, NewTokenRatio, order_waiting
 from sglbatch.engine.radix_cache import RadixCache
-from sglbatch.engine.request import Req, SamplingParams
+from sglbatch.engine.request import Req
+from sglbatch.engine.sampling_params import SamplingParams
 
 
 def _req(rid: str, ids: list[int], max_new: int = 16) -> Req:

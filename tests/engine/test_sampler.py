@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sglbatch.engine.request import Req, SamplingParams
+from sglbatch.engine.request import Req
 from sglbatch.engine.sampler import SamplingBatch, sample, seeded_uniform
+from sglbatch.engine.sampling_params import SamplingParams
 
 
 def _batch(params: list[dict], seeds: list[int], steps: list[int] | None = None,

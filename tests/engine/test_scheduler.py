@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from sglbatch.engine.api_types import FinishReason
 from sglbatch.engine.batch import Batch, ForwardMode, StepResult
 from sglbatch.engine.cache_manager import CacheManager
 from sglbatch.engine.config import EngineConfig
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
-from sglbatch.engine.request import FinishReason, Req, SamplingParams
+from sglbatch.engine.request import Req
+from sglbatch.engine.sampling_params import SamplingParams
 from sglbatch.engine.scheduler import Scheduler
 
 

@@ -10,7 +10,8 @@ import torch
 from sglbatch.engine.batch import Batch, ForwardMode
 from sglbatch.engine.config import EngineConfig
 from sglbatch.engine.model_runner import ModelRunner
-from sglbatch.engine.request import Req, SamplingParams
+from sglbatch.engine.request import Req
+from sglbatch.engine.sampling_params import SamplingParams
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)

@@ -33,8 +33,8 @@ def test_rmsnorm_matches_reference(tokens, hidden, dtype, with_residual):
 
 
 def test_reference_is_the_engines_rmsnorm():
-    from sglbatch.kernels.rmsnorm import rmsnorm_reference
     from sglbatch.engine.layers.norm import rms_norm
+    from sglbatch.kernels.rmsnorm import rmsnorm_reference
 
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     weight = torch.rand(64, dtype=torch.bfloat16)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from sglbatch.engine.attention.base import AttentionBackend
+from sglbatch.engine.batch import ForwardBatch, ForwardMode
 from sglbatch.kernels.decode_attention import MAX_NUM_SPLITS, decode_attention, num_splits_for
 from sglbatch.kernels.extend_attention import extend_attention
 from sglbatch.kernels.kv_store import store_kv
-from sglbatch.engine.attention.base import AttentionBackend
-from sglbatch.engine.batch import ForwardBatch, ForwardMode
 
 
 class TritonBackend(AttentionBackend):

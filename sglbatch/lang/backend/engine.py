@@ -1,6 +1,6 @@
 """`EngineBackend`: the frontend language over an in-process ``sglbatch.Engine``.
 
-No HTTP: each ``gen``/``select`` is an ``engine.generate`` call from the
+No HTTP: each ``gen``/``select`` is a typed ``engine.run`` call from the
 program's worker thread; the engine thread batches whatever all running
 programs have in flight, and its radix cache reuses their shared prefixes.
 The requests are the ones SGLang's ``RuntimeEndpoint`` sends to its server
@@ -14,13 +14,12 @@ import contextlib
 import threading
 from typing import Any
 
+from sglbatch.engine.api_types import GenerateOutput, GenerateRequest
+from sglbatch.engine.sampling_params import SamplingParams
 from sglbatch.lang.backend.base_backend import BaseBackend
 from sglbatch.lang.chat_template import get_chat_template, get_chat_template_for_tokenizer
 from sglbatch.lang.choices import ChoicesDecision, ChoicesSamplingMethod, token_length_normalized
 from sglbatch.lang.ir import SglSamplingParams, handle_dtype_to_regex
-
-_LOGPROB_ARGS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
-                 "return_text_in_logprobs")
 
 _attach_lock = threading.Lock()
 
@@ -86,9 +85,11 @@ class EngineBackend(BaseBackend):
 
     # ---- requests ------------------------------------------------------------------
 
-    def _prefill(self, text: str) -> dict[str, Any]:
+    def _prefill(self, text: str) -> GenerateOutput:
         """A prefill-only request: caches ``text`` in the radix cache."""
-        return self.engine.generate(prompt=text, sampling_params={"max_new_tokens": 0})
+        [out] = self.engine.run([GenerateRequest(prompt=text,
+                                                 sampling_params=SamplingParams(max_new_tokens=0))])
+        return out
 
     def cache_prefix(self, prefix_str: str):
         if prefix_str:
@@ -101,40 +102,28 @@ class EngineBackend(BaseBackend):
     def fill_image(self, s):
         raise ValueError(f"the engine's model ({self.get_model_name()}) is text-only")
 
-    def _request(self, s, sampling_params: SglSamplingParams):
+    def _request(self, s, sampling_params: SglSamplingParams) -> GenerateRequest:
         if s.images_:
             self.fill_image(s)
         handle_dtype_to_regex(sampling_params)
-        params = sampling_params.to_srt_kwargs()
-        # Empty lists mean "none"; the engine refuses a non-empty stop_regex.
-        for key in ("stop", "stop_token_ids", "stop_regex"):
-            if not params.get(key):
-                params.pop(key, None)
-        if isinstance(params.get("stop"), tuple):
-            params["stop"] = list(params["stop"])
-        extras = {}
-        for item in _LOGPROB_ARGS:
-            value = getattr(sampling_params, item, None)
-            if value is not None:
-                extras[item] = value
         if not s.text_:
             raise ValueError("gen: the program's text is empty; the model needs a prompt")
-        return params, extras
+        return GenerateRequest(prompt=s.text_, sampling_params=sampling_params.to_sampling_params(),
+                               **sampling_params.logprob_args())
 
     def generate(self, s, sampling_params: SglSamplingParams):
-        params, extras = self._request(s, sampling_params)
-        out = self.engine.generate(prompt=s.text_, sampling_params=params, **extras)
-        if isinstance(out, list):  # n > 1
-            return [o["text"] for o in out], [o["meta_info"] for o in out]
-        return out["text"], out["meta_info"]
+        request = self._request(s, sampling_params)
+        outs = self.engine.run([request])
+        if request.sampling_params.n > 1:
+            return [o.text for o in outs], [o.meta_info.to_json() for o in outs]
+        return outs[0].text, outs[0].meta_info.to_json()
 
     def generate_stream(self, s, sampling_params: SglSamplingParams):
-        params, extras = self._request(s, sampling_params)
-        if params.get("n", 1) != 1:
+        request = self._request(s, sampling_params)
+        if request.sampling_params.n != 1:
             raise ValueError("gen: streaming takes n=1")
-        for delta in self.engine.generate(prompt=s.text_, sampling_params=params,
-                                          stream=True, **extras):
-            yield delta["text"], delta["meta_info"]
+        for delta in self.engine.stream([request]):
+            yield delta.text, delta.meta_info.to_json()
 
     def select(
         self,
@@ -152,18 +141,16 @@ class EngineBackend(BaseBackend):
             raise ValueError("select: the program's text is empty; the model needs a prompt")
 
         # Cache the common prefix; its length places the logprob window.
-        prompt_len = self._prefill(s.text_)["meta_info"]["prompt_tokens"]
+        prompt_len = self._prefill(s.text_).meta_info.prompt_tokens
         logprob_start_len = max(prompt_len - 2, 0)  # room for token healing
 
-        outs = self.engine.generate(
-            prompt=[s.text_ + c for c in choices],
-            sampling_params={"max_new_tokens": 0, "temperature": 0},
-            return_logprob=True,
-            return_text_in_logprobs=True,
-            logprob_start_len=logprob_start_len,
-        )
-        input_token_logprobs = [o["meta_info"]["input_token_logprobs"] for o in outs]
-        output_token_logprobs = [o["meta_info"]["output_token_logprobs"] for o in outs]
+        scoring = SamplingParams(max_new_tokens=0, temperature=0)
+        outs = self.engine.run([
+            GenerateRequest(prompt=s.text_ + c, sampling_params=scoring, return_logprob=True,
+                            return_text_in_logprobs=True, logprob_start_len=logprob_start_len)
+            for c in choices])
+        input_token_logprobs = [o.meta_info.logprobs["input_token_logprobs"] for o in outs]
+        output_token_logprobs = [o.meta_info.logprobs["output_token_logprobs"] for o in outs]
         normalized_prompt_logprobs = [
             compute_normalized_prompt_logprobs(lps) for lps in input_token_logprobs
         ]
@@ -181,13 +168,12 @@ class EngineBackend(BaseBackend):
         unconditional_token_logprobs = None
         if choices_method.requires_unconditional_logprobs:
             input_ids = [[entry[1] for entry in lps] for lps in input_token_logprobs]
-            outs = self.engine.generate(
-                input_ids=input_ids,
-                sampling_params={"max_new_tokens": 0},
-                return_logprob=True,
-                logprob_start_len=0,
-            )
-            unconditional_token_logprobs = [o["meta_info"]["input_token_logprobs"] for o in outs]
+            outs = self.engine.run([
+                GenerateRequest(input_ids=ids, sampling_params=SamplingParams(max_new_tokens=0),
+                                return_logprob=True, logprob_start_len=0)
+                for ids in input_ids])
+            unconditional_token_logprobs = [o.meta_info.logprobs["input_token_logprobs"]
+                                            for o in outs]
 
         return choices_method(
             choices=choices,

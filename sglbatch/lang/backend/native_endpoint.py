@@ -27,9 +27,6 @@ from sglbatch.lang.ir import SglSamplingParams, handle_dtype_to_regex
 __all__ = ["RuntimeEndpoint", "compute_normalized_prompt_logprobs"]
 
 # Request fields SGLang's frontend copies from the sampling parameters to the top level.
-_LOGPROB_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
-                   "return_text_in_logprobs")
-
 
 def _ssl_verify(verify: Any) -> Any:
     """requests-style `verify` (None/bool, or a CA bundle path) for httpx."""
@@ -152,18 +149,8 @@ class RuntimeEndpoint(BaseBackend):
 
     def _generate_body(self, s: Any, sampling_params: SglSamplingParams) -> dict:
         handle_dtype_to_regex(sampling_params)
-        data = {
-            "text": s.text_,
-            "sampling_params": sampling_params.to_srt_kwargs(),
-        }
-        if not data["sampling_params"].get("stop_regex"):
-            # An empty stop_regex means none; sglbatch's engine refuses the field when set
-            # at all (it does not act on it yet), so leave it out.
-            data["sampling_params"].pop("stop_regex", None)
-        for item in _LOGPROB_FIELDS:
-            value = getattr(sampling_params, item, None)
-            if value is not None:
-                data[item] = value
+        data = {"text": s.text_, "sampling_params": sampling_params.to_sampling_params().to_json(),
+                **sampling_params.logprob_args()}
         self._add_images(s, data)
         return data
 
