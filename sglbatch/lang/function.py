@@ -6,8 +6,8 @@ from __future__ import annotations
 import inspect
 
 from sglbatch.lang.global_config import global_config
-from sglbatch.lang.program_runner import run_program, run_program_batch
 from sglbatch.lang.ir import SglSamplingParams
+from sglbatch.lang.program_runner import run_program, run_program_batch
 
 
 def _default_sampling_params(**kw) -> SglSamplingParams:

@@ -92,6 +92,7 @@ class ProgramState:
                 return event
             if exe.is_finished:
                 return None
+            exe.help_pending()
             time.sleep(0.002)
 
     def text_iter(self, var_name: str | None = None):
@@ -103,6 +104,7 @@ class ProgramState:
         if var_name is None:
             event = exe.stream_text_event
             while True:
+                exe.help_pending()  # a pool worker must not wait for work still queued
                 event.wait()
                 event.clear()
                 out = str(exe.text_[prev:])
@@ -121,6 +123,7 @@ class ProgramState:
             yield ""
             return
         while True:
+            exe.help_pending()
             event.wait()
             event.clear()
             out = str(exe.variables.get(var_name, "")[prev:])

@@ -371,7 +371,7 @@ def test_openai_missing_sdk_names_the_package(monkeypatch):
 
 
 def test_select_matching_rules():
-    from sglbatch.lang.backend.openai import _closest_choice, _match_choice, _with_options
+    from sglbatch.lang.backend.openai_select import _closest_choice, _match_choice, _with_options
 
     choices = ["yes", "no", "not sure"]
     assert _match_choice("no, it is not", choices) == ("no", "prefix")

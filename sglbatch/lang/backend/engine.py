@@ -1,7 +1,7 @@
 """`EngineBackend`: the frontend language over an in-process ``sglbatch.Engine``.
 
 No HTTP: each ``gen``/``select`` is a typed ``engine.run`` call from the
-program's worker thread; the engine thread batches whatever all running
+program's pool worker; the engine thread batches whatever all running
 programs have in flight, and its radix cache reuses their shared prefixes.
 The requests are the ones SGLang's ``RuntimeEndpoint`` sends to its server
 (same sampling parameters, the same prefill-only logprob requests for
