@@ -9,6 +9,7 @@ HTTP and file writers call `to_json` themselves.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -165,3 +166,6 @@ class StreamDelta(GenerateOutput):
         """SGLang's delta dict; batches carry `index`."""
         out = super().to_json()
         return {**out, "index": self.index} if with_index else out
+
+
+Sink = Callable[[int, GenerateOutput], None]  # (index within the caller's call, the output)

@@ -4,19 +4,19 @@ requests and receive typed outputs through a per-request sink."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sglbatch.engine.api_types import FinishReason, GenerateOutput, GenerateRequest, StreamDelta
+from sglbatch.engine.api_types import FinishReason, Sink
 from sglbatch.engine.batch import Batch
+from sglbatch.engine.client import EngineClient, Submission
 from sglbatch.engine.config import DEFAULT_MODEL, EngineConfig
 from sglbatch.engine.errors import ENGINE_ERROR_STATUS, EngineError
 from sglbatch.engine.grammar import Grammar, GrammarCompiler
@@ -30,15 +30,10 @@ from sglbatch.engine.inbox import (
     Stop,
     StopProfile,
 )
-from sglbatch.engine.inputs import (
-    RequestBatch,
-    RequestInput,
-    normalize_inputs,
-    requests_from_generate_args,
-)
+from sglbatch.engine.inputs import RequestBatch, RequestInput, normalize_inputs
 from sglbatch.engine.model_runner import ModelRunner
 from sglbatch.engine.model_source import resolve_model_path
-from sglbatch.engine.output_processor import OutputProcessor, Sink, TrackedRequest
+from sglbatch.engine.output_processor import OutputProcessor, TrackedRequest
 from sglbatch.engine.profiler import ProfileSession
 from sglbatch.engine.request import Req, derive_seed
 from sglbatch.engine.scheduler import Scheduler
@@ -53,7 +48,7 @@ logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
-class Engine:
+class Engine(EngineClient):
     """`Engine(model_path=..., **engine_args)`; see `EngineConfig` for the arguments.
 
     All torch work (loading, the KV pool, every forward pass) happens on the engine thread.
@@ -105,96 +100,12 @@ class Engine:
         ready.put(None)
         self._loop()
 
-    # ---- public API -------------------------------------------------------------------
+    # ---- public API (generate, run, stream and their async forms: EngineClient) ---------
 
-    def generate(self, prompt: Any = None, sampling_params: Any = None, input_ids: Any = None,
-                 messages: Any = None, rid: Any = None, stream: bool = False,
-                 **extras: Any) -> Any:
-        """SGLang's blocking `generate`, with its dict arguments and dict results. One prompt
-        -> a dict; a list -> a list of dicts (same order; a prompt with n > 1 gives n
-        consecutive dicts). With `stream=True`, an iterator of delta dicts (each carries
-        `index` for batches). `extras`: SGLang's return_logprob, logprob_start_len,
-        top_logprobs_num, token_ids_logprob, return_text_in_logprobs,
-        custom_logit_processor. Typed callers use `run` / `stream`."""
-        batch = requests_from_generate_args(prompt, input_ids, messages, sampling_params, rid,
-                                            **extras)
-        if stream:
-            return _json_deltas(self._stream(batch), batch.returns_list)
-        outputs = [out.to_json() for out in self._run(batch)]
-        return outputs if batch.returns_list else outputs[0]
-
-    async def async_generate(self, prompt: Any = None, sampling_params: Any = None,
-                             input_ids: Any = None, messages: Any = None, rid: Any = None,
-                             stream: bool = False, **extras: Any) -> Any:
-        """As SGLang: awaits the final dict(s), or with `stream=True` returns an async
-        iterator of delta dicts. Closing the iterator early aborts the request(s)."""
-        batch = requests_from_generate_args(prompt, input_ids, messages, sampling_params, rid,
-                                            **extras)
-        if stream:
-            return _async_json_deltas(self._stream_async(batch), batch.returns_list)
-        outputs = [out.to_json() for out in await self._run_async(batch)]
-        return outputs if batch.returns_list else outputs[0]
-
-    def run(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
-        """Generate for each request, blocking; a request with n > 1 gives n consecutive
-        outputs. Raises ValueError (naming the field) before anything runs, EngineError if
-        an engine failure took a request down."""
-        return self._run(RequestBatch(requests, len(requests) > 1))
-
-    async def run_async(self, requests: list[GenerateRequest]) -> list[GenerateOutput]:
-        """`run` for async callers; cancelling it aborts the requests."""
-        return await self._run_async(RequestBatch(requests, len(requests) > 1))
-
-    def stream(self, requests: list[GenerateRequest]) -> Iterator[StreamDelta]:
-        """Deltas as tokens arrive (`index` says whose); validated and submitted now.
-        Closing the iterator early aborts the requests."""
-        return self._stream(RequestBatch(requests, len(requests) > 1))
-
-    async def stream_async(self, requests: list[GenerateRequest]) -> AsyncIterator[StreamDelta]:
-        """`stream` for async callers."""
-        return self._stream_async(RequestBatch(requests, len(requests) > 1))
-
-    def _run(self, batch: RequestBatch) -> list[GenerateOutput]:
+    def _start(self, batch: RequestBatch, sink: Sink, stream: bool) -> Submission:
         inputs = self._normalize(batch)
-        results: queue.Queue[tuple[int, GenerateOutput]] = queue.Queue()
-        self._submit(inputs, lambda i, out: results.put((i, out)), stream=False)
-        outputs: list[GenerateOutput | None] = [None] * len(inputs)
-        while any(o is None for o in outputs):
-            i, out = results.get()
-            outputs[i] = out
-        _raise_engine_errors(outputs)
-        return outputs
-
-    async def _run_async(self, batch: RequestBatch) -> list[GenerateOutput]:
-        inputs = self._normalize(batch)
-        loop = asyncio.get_running_loop()
-        results: asyncio.Queue[tuple[int, GenerateOutput]] = asyncio.Queue()
-        self._submit(inputs, lambda i, out: loop.call_soon_threadsafe(
-            results.put_nowait, (i, out)), stream=False)
-        outputs: list[GenerateOutput | None] = [None] * len(inputs)
-        try:
-            while any(o is None for o in outputs):
-                i, out = await results.get()
-                outputs[i] = out
-        except asyncio.CancelledError:  # the caller gave up (e.g. its client disconnected)
-            self._abort_all(inputs)
-            raise
-        _raise_engine_errors(outputs)
-        return outputs
-
-    def _stream(self, batch: RequestBatch) -> Iterator[StreamDelta]:
-        inputs = self._normalize(batch)  # here, so bad input raises before iteration
-        results: queue.Queue[tuple[int, GenerateOutput]] = queue.Queue()
-        self._submit(inputs, lambda i, out: results.put((i, out)), stream=True)
-        return self._iter_stream(results, inputs)
-
-    def _stream_async(self, batch: RequestBatch) -> AsyncIterator[StreamDelta]:
-        inputs = self._normalize(batch)
-        loop = asyncio.get_running_loop()
-        results: asyncio.Queue[tuple[int, GenerateOutput]] = asyncio.Queue()
-        self._submit(inputs, lambda i, out: loop.call_soon_threadsafe(
-            results.put_nowait, (i, out)), stream=True)
-        return self._aiter_stream(results, inputs)
+        self._submit(inputs, sink, stream)
+        return Submission(len(inputs), lambda: self._abort_all(inputs))
 
     def abort(self, rid: str) -> None:
         self._inbox.put(Abort(rid))
@@ -296,32 +207,6 @@ class Engine:
             if len(group) == params.n:
                 self._inbox.put(AddRequests(group))
                 group = []
-
-    def _iter_stream(self, results: queue.Queue, inputs: list[RequestInput]
-                     ) -> Iterator[StreamDelta]:
-        remaining = len(inputs)
-        try:
-            while remaining:
-                delta = _stream_delta(results.get())
-                remaining -= delta.finished
-                _raise_engine_errors([delta])
-                yield delta
-        finally:
-            if remaining:  # the caller stopped early: free what it no longer wants
-                self._abort_all(inputs)
-
-    async def _aiter_stream(self, results: asyncio.Queue, inputs: list[RequestInput]
-                            ) -> AsyncIterator[StreamDelta]:
-        remaining = len(inputs)
-        try:
-            while remaining:
-                delta = _stream_delta(await results.get())
-                remaining -= delta.finished
-                _raise_engine_errors([delta])
-                yield delta
-        finally:
-            if remaining:
-                self._abort_all(inputs)
 
     def _abort_all(self, inputs: list[RequestInput]) -> None:
         for inp in inputs:
@@ -521,35 +406,3 @@ def _answer(reply: Reply, compute: Callable[[], Any]) -> None:
 
 def _error_message(error: BaseException) -> str:
     return f"engine error: {type(error).__name__}: {error}"
-
-
-def _raise_engine_errors(outputs: list[GenerateOutput]) -> None:
-    """Raise EngineError if an engine failure finished any of `outputs`."""
-    errors = [out.finish_reason.engine_error for out in outputs
-              if out.finish_reason is not None and out.finish_reason.engine_error]
-    if errors:
-        failed = f"{len(errors)} of {len(outputs)} requests failed: " if len(outputs) > 1 else ""
-        raise EngineError(failed + errors[0])
-
-
-def _stream_delta(item: tuple[int, GenerateOutput]) -> StreamDelta:
-    index, out = item
-    return StreamDelta(out.text, out.output_ids, out.meta_info, index=index)
-
-
-def _json_deltas(deltas: Iterator[StreamDelta], with_index: bool) -> Iterator[dict[str, Any]]:
-    """SGLang's delta dicts; closing this closes (and so aborts) the typed stream."""
-    try:
-        for delta in deltas:
-            yield delta.to_json(with_index)
-    finally:
-        deltas.close()
-
-
-async def _async_json_deltas(deltas: AsyncIterator[StreamDelta], with_index: bool
-                             ) -> AsyncIterator[dict[str, Any]]:
-    try:
-        async for delta in deltas:
-            yield delta.to_json(with_index)
-    finally:
-        await deltas.aclose()

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sglbatch.engine.api_types import FinishReason, GenerateOutput, MetaInfo
+from sglbatch.engine.api_types import FinishReason, GenerateOutput, MetaInfo, Sink
 from sglbatch.engine.logprobs import meta_info_fields
 from sglbatch.engine.request import Req
 from sglbatch.engine.stats import EngineStats
@@ -18,7 +17,6 @@ from sglbatch.engine.tokenizer import IncrementalDetokenizer, Tokenizer, find_st
 
 logger = logging.getLogger(__name__)
 
-Sink = Callable[[int, GenerateOutput], None]  # (index within the call, the output)
 
 
 @dataclass(eq=False)

@@ -62,8 +62,9 @@ _CONTEXTLIB_FILE = os.path.abspath(contextlib.__file__)
 
 
 def _is_sglbatch_engine(obj: Any) -> bool:
-    mod = sys.modules.get("sglbatch.engine.engine")
-    return mod is not None and isinstance(obj, mod.Engine)
+    # An Engine or its data-parallel front: both are EngineClients.
+    mod = sys.modules.get("sglbatch.engine.client")
+    return mod is not None and isinstance(obj, mod.EngineClient)
 
 
 def resolve_backend(backend: Any):
