@@ -13,8 +13,9 @@ import argparse
 import random
 import time
 
-from sglbatch.bench.ceiling import decode_ceiling, model_flops_per_token
+from sglbatch.bench.ceiling import decode_ceiling
 from sglbatch.engine.engine import Engine
+from sglbatch.engine.layers.linear import model_flops_per_token
 from sglbatch.engine.request import Req
 from sglbatch.engine.sampling_params import SamplingParams
 

@@ -6,16 +6,6 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import nn
-
-from sglbatch.engine.layers.linear import PackedLinear
-
-
-def model_flops_per_token(model: nn.Module) -> int:
-    """2 FLOPs per weight of every linear layer (the LM head included; tied or not),
-    packed (`PackedLinear`) or not."""
-    return 2 * sum(m.in_features * m.out_features for m in model.modules()
-                   if isinstance(m, (nn.Linear, PackedLinear)))
 
 
 def matmul_flops_per_second(dtype: torch.dtype, size: int = 1024, repeats: int = 20) -> float:

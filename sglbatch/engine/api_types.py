@@ -168,4 +168,19 @@ class StreamDelta(GenerateOutput):
         return {**out, "index": self.index} if with_index else out
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What callers may ask about an engine's model and memory, however it runs (one engine,
+    tensor-parallel ranks, or data-parallel replicas: then per replica)."""
+
+    model_dir: str
+    context_len: int
+    max_req_len: int  # longest prompt + output one request may take
+    vocab_size: int
+    max_total_num_tokens: int  # KV slots
+    dtype: str
+    device: str
+    flops_per_token: int  # of the model's linear layers, for compute ceilings
+
+
 Sink = Callable[[int, GenerateOutput], None]  # (index within the caller's call, the output)

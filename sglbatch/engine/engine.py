@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from sglbatch.engine.api_types import FinishReason, Sink
+from sglbatch.engine.api_types import EngineInfo, FinishReason, Sink
 from sglbatch.engine.batch import Batch
 from sglbatch.engine.client import EngineClient, Submission
 from sglbatch.engine.config import DEFAULT_MODEL, EngineConfig
@@ -31,6 +31,7 @@ from sglbatch.engine.inbox import (
     StopProfile,
 )
 from sglbatch.engine.inputs import RequestBatch, RequestInput, normalize_inputs
+from sglbatch.engine.layers.linear import model_flops_per_token
 from sglbatch.engine.model_runner import ModelRunner
 from sglbatch.engine.model_source import resolve_model_path
 from sglbatch.engine.output_processor import OutputProcessor, TrackedRequest
@@ -90,6 +91,7 @@ class Engine(EngineClient):
                 torch.set_num_threads(self.config.num_threads)
             self.model_runner = ModelRunner(self.config, model_dir)
             self.scheduler = Scheduler(self.config, self.model_runner.memory)
+            self.info = _engine_info(self.model_runner)
             self.output = OutputProcessor(self.tokenizer,
                                           self.model_runner.model_config.eos_token_ids,
                                           self.stats)
@@ -394,6 +396,15 @@ class Engine(EngineClient):
     def _finish(self, req: Req) -> None:
         self._release_held(req)
         self.output.finish(self._tracked.pop(req.rid))
+
+
+def _engine_info(runner: ModelRunner) -> EngineInfo:
+    return EngineInfo(
+        model_dir=str(runner.model_dir), context_len=runner.context_len,
+        max_req_len=runner.max_req_len, vocab_size=runner.model_config.vocab_size,
+        max_total_num_tokens=runner.kv_pool.num_slots,
+        dtype=str(runner.dtype).removeprefix("torch."), device=str(runner.device),
+        flops_per_token=model_flops_per_token(runner.model))
 
 
 def _answer(reply: Reply, compute: Callable[[], Any]) -> None:

@@ -134,7 +134,7 @@ async def _start(state: ServerState, req: ChatCompletionRequest, plan: _ToolPlan
             add_generation_prompt=not req.continue_final_message, **template_kwargs)
         params = sampling_params(req, resolve_max_tokens(
             req.max_completion_tokens if req.max_completion_tokens is not None
-            else req.max_tokens, engine.model_runner.max_req_len, "max_tokens"))
+            else req.max_tokens, engine.info.max_req_len, "max_tokens"))
         params = dataclasses.replace(params, **_structured(req))
         if plan is not None and plan.constrained:
             if params.constraint is not None:

@@ -47,7 +47,7 @@ async def _start(state: ServerState, req: CompletionRequest, stream: bool) -> An
     prompts = _prompt_ids(state, req.prompt)
     try:
         params = sampling_params(req, resolve_max_tokens(
-            req.max_tokens, engine.model_runner.max_req_len, "max_tokens"))
+            req.max_tokens, engine.info.max_req_len, "max_tokens"))
         requests = [GenerateRequest(
             input_ids=ids, sampling_params=params, return_logprob=req.logprobs is not None,
             logprob_start_len=0 if req.echo else -1, top_logprobs_num=req.logprobs or 0,

@@ -72,7 +72,7 @@ def build_router(state: ServerState) -> APIRouter:
         if state.engine_config is not None:
             info.update(dataclasses.asdict(state.engine_config))
         if state.engine is not None:
-            info["max_total_num_tokens"] = state.engine.model_runner.kv_pool.num_slots
+            info["max_total_num_tokens"] = state.engine.info.max_total_num_tokens
             info["internal_states"] = [state.engine.load()]
         return info
 

@@ -44,7 +44,7 @@ class ServerState:
     @property
     def max_model_len(self) -> int:
         if self.engine is not None:
-            return self.engine.model_runner.context_len
+            return self.engine.info.context_len
         return self.embedder.max_seq_length
 
     def check_model(self, model: str | None) -> None:

@@ -49,3 +49,10 @@ def pack_linears(model: nn.Module) -> int:
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
     return len(targets)
+
+
+def model_flops_per_token(model: nn.Module) -> int:
+    """2 FLOPs per weight of every linear layer (the LM head included; tied or not),
+    packed (`PackedLinear`) or not."""
+    return 2 * sum(m.in_features * m.out_features for m in model.modules()
+                   if isinstance(m, (nn.Linear, PackedLinear)))
