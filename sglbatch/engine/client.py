@@ -1,6 +1,6 @@
 """The caller's side of an engine: SGLang's dict API converted at the door, the typed API,
 and outputs collected from a sink. `Engine` runs the requests itself; the data-parallel
-front relays them to replicas. Both implement `_start`, so every caller sees one API."""
+front relays them to replicas. Both implement `submit`, so every caller sees one API."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from sglbatch.engine.inputs import RequestBatch, requests_from_generate_args
 
 @dataclass
 class Submission:
-    """What `_start` gives back: how many outputs will reach the sink (n > 1 expands a
+    """What `submit` gives back: how many outputs will reach the sink (n > 1 expands a
     request), and how to abort them all."""
 
     num_outputs: int
@@ -27,9 +27,19 @@ class Submission:
 
 class EngineClient(ABC):
     @abstractmethod
-    def _start(self, batch: RequestBatch, sink: Sink, stream: bool) -> Submission:
+    def submit(self, batch: RequestBatch, sink: Sink, stream: bool) -> Submission:
         """Validate the batch (ValueError, in the caller's thread, before anything runs) and
         submit it; outputs go to `sink` from another thread."""
+
+    def loads(self) -> list[dict[str, float]]:
+        """`load()` of each replica (one engine: itself)."""
+        return [self.load()]
+
+    def __enter__(self) -> EngineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     # ---- SGLang's dict API -------------------------------------------------------------
 
@@ -86,7 +96,7 @@ class EngineClient(ABC):
 
     def _run(self, batch: RequestBatch) -> list[GenerateOutput]:
         results: queue.Queue[tuple[int, GenerateOutput]] = queue.Queue()
-        started = self._start(batch, lambda i, out: results.put((i, out)), stream=False)
+        started = self.submit(batch, lambda i, out: results.put((i, out)), stream=False)
         outputs: list[GenerateOutput | None] = [None] * started.num_outputs
         while any(o is None for o in outputs):
             i, out = results.get()
@@ -97,7 +107,7 @@ class EngineClient(ABC):
     async def _run_async(self, batch: RequestBatch) -> list[GenerateOutput]:
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[tuple[int, GenerateOutput]] = asyncio.Queue()
-        started = self._start(batch, lambda i, out: loop.call_soon_threadsafe(
+        started = self.submit(batch, lambda i, out: loop.call_soon_threadsafe(
             results.put_nowait, (i, out)), stream=False)
         outputs: list[GenerateOutput | None] = [None] * started.num_outputs
         try:
@@ -113,13 +123,13 @@ class EngineClient(ABC):
     def _stream(self, batch: RequestBatch) -> Iterator[StreamDelta]:
         results: queue.Queue[tuple[int, GenerateOutput]] = queue.Queue()
         # Started here, not in the generator, so bad input raises before iteration.
-        started = self._start(batch, lambda i, out: results.put((i, out)), stream=True)
+        started = self.submit(batch, lambda i, out: results.put((i, out)), stream=True)
         return _iter_stream(results, started)
 
     def _stream_async(self, batch: RequestBatch) -> AsyncIterator[StreamDelta]:
         loop = asyncio.get_running_loop()
         results: asyncio.Queue[tuple[int, GenerateOutput]] = asyncio.Queue()
-        started = self._start(batch, lambda i, out: loop.call_soon_threadsafe(
+        started = self.submit(batch, lambda i, out: loop.call_soon_threadsafe(
             results.put_nowait, (i, out)), stream=True)
         return _aiter_stream(results, started)
 

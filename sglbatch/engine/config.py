@@ -65,6 +65,18 @@ class EngineConfig:
     enable_custom_logit_processor: bool = field(default=False, metadata={
         "help": "accept custom logit processors sent with requests (this runs code the "
                 "client sends; only enable it for trusted clients)"})
+    tp_size: int = field(default=1, metadata={
+        "help": "tensor parallel: split each layer across this many processes (NCCL on "
+                "CUDA, gloo on the CPU); heads split in whole GQA groups"})
+    dp_size: int = field(default=1, metadata={
+        "help": "data parallel: this many engine replicas behind one front, requests routed "
+                "by prefix-cache affinity, else to the least loaded"})
+    load_balance_method: str = field(default="cache_aware", metadata={
+        "help": "dp_size > 1: which replica takes a request: cache_aware (the longest "
+                "prefix match while loads are balanced, else the least loaded), "
+                "shortest_queue or random"})
+    base_gpu_id: int = field(default=0, metadata={
+        "help": "CUDA: the first GPU to use; replica r, rank t uses base_gpu_id + r * tp_size + t"})
     random_seed: int = field(default=0, metadata={"help": "seed for requests without one"})
     num_threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's choice)"})
@@ -73,7 +85,8 @@ class EngineConfig:
         choices = {"dtype": ("auto", "float32", "bfloat16", "float16"),
                    "device": ("auto", "cpu", "cuda"),
                    "attention_backend": ("auto", "cpu", "torch", "triton", "flashinfer"),
-                   "schedule_policy": ("lpm", "fcfs", "lof", "random")}
+                   "schedule_policy": ("lpm", "fcfs", "lof", "random"),
+                   "load_balance_method": ("cache_aware", "shortest_queue", "random")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
@@ -85,7 +98,8 @@ class EngineConfig:
         if self.attention_backend == "flashinfer" and self.device != "cuda":
             raise ValueError("attention_backend='flashinfer' needs device='cuda', "
                              f"got device={self.device!r}")
-        positive = ["max_running_requests", "max_prefill_tokens", "cuda_graph_max_bs"]
+        positive = ["max_running_requests", "max_prefill_tokens", "cuda_graph_max_bs",
+                    "tp_size", "dp_size"]
         positive += [n for n in ("context_length", "max_total_tokens", "num_threads")
                      if getattr(self, n) is not None]
         for name in positive:
@@ -97,6 +111,8 @@ class EngineConfig:
         if self.schedule_conservativeness <= 0:
             raise ValueError("schedule_conservativeness must be > 0, got "
                              f"{self.schedule_conservativeness}")
+        if self.base_gpu_id < 0:
+            raise ValueError(f"base_gpu_id must be >= 0, got {self.base_gpu_id}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
 

@@ -58,6 +58,16 @@ class Engine(EngineClient):
     op pays a wake-up (measured: decode 35% slower). The caller's thread only tokenizes.
     """
 
+    def __new__(cls, model_path: str = DEFAULT_MODEL, **kwargs: Any) -> Any:
+        """`dp_size` > 1 gives the data-parallel front over that many replicas of this
+        class, which callers use as they use one engine."""
+        if kwargs.get("dp_size", 1) > 1:
+            from sglbatch.engine.dp.front import DataParallelEngine
+
+            return DataParallelEngine(cls, EngineConfig.from_kwargs(model_path=model_path,
+                                                                    **kwargs))
+        return super().__new__(cls)
+
     def __init__(self, model_path: str = DEFAULT_MODEL, **kwargs: Any):
         self.config = EngineConfig.from_kwargs(model_path=model_path, **kwargs)
         model_dir = resolve_model_path(self.config.model_path)
@@ -104,7 +114,7 @@ class Engine(EngineClient):
 
     # ---- public API (generate, run, stream and their async forms: EngineClient) ---------
 
-    def _start(self, batch: RequestBatch, sink: Sink, stream: bool) -> Submission:
+    def submit(self, batch: RequestBatch, sink: Sink, stream: bool) -> Submission:
         inputs = self._normalize(batch)
         self._submit(inputs, sink, stream)
         return Submission(len(inputs), lambda: self._abort_all(inputs))
@@ -165,12 +175,6 @@ class Engine(EngineClient):
             return
         self._inbox.put(Stop())
         self._thread.join()
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown()
 
     # ---- submission -------------------------------------------------------------------
 

@@ -64,6 +64,9 @@ class RequestBatch:
 
     requests: list[GenerateRequest]
     prompts_are_list: bool
+    # Each request's place in the caller's call, when this batch is a part of it (a
+    # replica's share): errors name the caller's index.
+    positions: list[int] | None = None
 
     @property
     def returns_list(self) -> bool:
@@ -76,7 +79,8 @@ def _prompt_field(prompt: Any, input_ids: Any, messages: Any) -> str:
     given = [name for name, v in (("prompt", prompt), ("input_ids", input_ids),
                                   ("messages", messages)) if v is not None]
     if len(given) != 1:
-        raise ValueError(f"give exactly one of prompt, input_ids or messages (got {given or 'none'})")
+        raise ValueError("give exactly one of prompt, input_ids or messages "
+                         f"(got {given or 'none'})")
     return given[0]
 
 
@@ -144,8 +148,10 @@ def normalize_inputs(tokenizer: Tokenizer, batch: RequestBatch, *, vocab_size: i
     max_prompt_len = max_req_len - 1  # room for at least one output token
     out = []
     for i, request in enumerate(batch.requests):
-        index = i if batch.prompts_are_list else None
-        where = _prompt_field(request.prompt, request.input_ids, request.messages) + ("" if index is None else f"[{index}]")
+        index = (batch.positions[i] if batch.positions else i) \
+            if batch.prompts_are_list else None
+        where = _prompt_field(request.prompt, request.input_ids, request.messages) + \
+            ("" if index is None else f"[{index}]")
         ids = _token_ids(tokenizer, request, index)
         if not ids:
             raise ValueError(f"{where}: the prompt is empty (0 tokens)")

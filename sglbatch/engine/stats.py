@@ -4,6 +4,8 @@ updated on the engine thread, read (racily but harmlessly) by the server."""
 from __future__ import annotations
 
 import bisect
+import copy
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 
@@ -59,3 +61,30 @@ class EngineStats:
             self.e2e_latency.observe(e2e)
             if ttft is not None and output_tokens > 1:
                 self.time_per_output_token.observe((e2e - ttft) / (output_tokens - 1))
+
+    def snapshot(self) -> EngineStats:
+        """A consistent copy (picklable: a data-parallel replica sends it to the front)."""
+        with self.lock:
+            return EngineStats(**{f.name: copy.deepcopy(getattr(self, f.name))
+                                  for f in dataclasses.fields(self) if f.name != "lock"})
+
+    @classmethod
+    def merged(cls, parts: list[EngineStats]) -> EngineStats:
+        """The sum of several engines' statistics (data-parallel replicas)."""
+        total = cls()
+        for part in parts:
+            for f in dataclasses.fields(cls):
+                mine, theirs = getattr(total, f.name), getattr(part, f.name)
+                if isinstance(mine, Histogram):
+                    mine.counts = [a + b for a, b in zip(mine.counts, theirs.counts)]
+                    mine.total += theirs.total
+                    mine.count += theirs.count
+                elif f.name != "lock":
+                    setattr(total, f.name, mine + theirs)
+        return total
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.Lock())

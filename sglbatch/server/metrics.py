@@ -45,14 +45,20 @@ def render_metrics(state: ServerState) -> str:
                   "seconds.", stats.time_per_output_token)
         histogram("e2e_request_latency_seconds", "Histogram of End-to-end request latency "
                   "in seconds", stats.e2e_latency)
-    load = engine.load()
-    metric("num_running_reqs", "gauge", "The number of running requests.",
-           load["num_running_reqs"])
-    metric("num_queue_reqs", "gauge", "The number of requests in the waiting queue.",
-           load["num_queue_reqs"])
-    metric("num_used_tokens", "gauge", "The number of used KV slots.", load["num_used_tokens"])
-    metric("token_usage", "gauge", "The token usage (used KV slots / pool size).",
-           round(load["token_usage"], 6))
+    # One gauge per data-parallel replica (labelled dp_rank), or the engine's own.
+    loads = engine.loads()
+    per_replica = len(loads) > 1
+
+    def gauge(name: str, help_text: str, key: str) -> None:
+        lines.extend([f"# HELP sglang:{name} {help_text}", f"# TYPE sglang:{name} gauge"])
+        for load in loads:
+            where = f'{labels},dp_rank="{load["dp_rank"]}"' if per_replica else labels
+            lines.append(f"sglang:{name}{{{where}}} {round(load[key], 6)}")
+
+    gauge("num_running_reqs", "The number of running requests.", "num_running_reqs")
+    gauge("num_queue_reqs", "The number of requests in the waiting queue.", "num_queue_reqs")
+    gauge("num_used_tokens", "The number of used KV slots.", "num_used_tokens")
+    gauge("token_usage", "The token usage (used KV slots / pool size).", "token_usage")
     metric("cache_hit_rate", "gauge", "The prefix cache hit rate (cached / prompt tokens).",
            round(hit_rate, 6))
     return "\n".join(lines) + "\n"

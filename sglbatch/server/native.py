@@ -73,7 +73,7 @@ def build_router(state: ServerState) -> APIRouter:
             info.update(dataclasses.asdict(state.engine_config))
         if state.engine is not None:
             info["max_total_num_tokens"] = state.engine.info.max_total_num_tokens
-            info["internal_states"] = [state.engine.load()]
+            info["internal_states"] = state.engine.loads()  # one per data-parallel replica
         return info
 
     @router.api_route("/flush_cache", methods=["GET", "POST"])
