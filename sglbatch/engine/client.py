@@ -14,6 +14,7 @@ from typing import Any
 from sglbatch.engine.api_types import GenerateOutput, GenerateRequest, Sink, StreamDelta
 from sglbatch.engine.errors import EngineError
 from sglbatch.engine.inputs import RequestBatch, requests_from_generate_args
+from sglbatch.engine.stats import EngineStats
 
 
 @dataclass
@@ -34,6 +35,10 @@ class EngineClient(ABC):
     def loads(self) -> list[dict[str, float]]:
         """`load()` of each replica (one engine: itself)."""
         return [self.load()]
+
+    def replica_stats(self) -> dict[int, EngineStats]:
+        """A snapshot of each live replica's statistics, by data-parallel rank."""
+        return {0: self.stats.snapshot()}
 
     def __enter__(self) -> EngineClient:
         return self

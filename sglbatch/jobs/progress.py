@@ -28,6 +28,8 @@ class JobStats:
     output_tokens: int = 0
     cached_tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
+    # Data parallel: what each replica did for this job, by rank (rows = requests).
+    replicas: dict[int, dict[str, int]] = field(default_factory=dict)
 
     @property
     def wall(self) -> float:
@@ -42,7 +44,8 @@ class JobStats:
                 "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
                 "cached_tokens": self.cached_tokens, "cache_hit_rate": self.cache_hit_rate,
                 "wall_seconds": self.wall,
-                "output_tokens_per_s": self.output_tokens / self.wall if self.wall else 0.0}
+                "output_tokens_per_s": self.output_tokens / self.wall if self.wall else 0.0,
+                **({"replicas": self.replicas} if self.replicas else {})}
 
 
 class JobProgress:
@@ -86,6 +89,10 @@ def summary_table(name: str, stats: JobStats, output: str) -> Table:
             ("wall time", f"{s['wall_seconds']:.1f} s"),
             ("throughput", f"{s['output_tokens_per_s']:,.1f} output tok/s, "
                            f"{s['rows'] / s['wall_seconds'] if s['wall_seconds'] else 0:,.2f} rows/s")]
+    for rank, r in sorted(stats.replicas.items()):
+        hit = r["cached_tokens"] / r["prompt_tokens"] if r["prompt_tokens"] else 0.0
+        rows.append((f"replica {rank}", f"{r['rows']:,} rows, {r['output_tokens']:,} output "
+                                        f"tokens, {hit:.1%} cached"))
     for key, value in rows:
         table.add_row(key, value)
     return table

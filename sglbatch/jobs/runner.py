@@ -17,8 +17,10 @@ from rich.console import Console
 
 from sglbatch.engine.api_types import GenerateOutput, GenerateRequest
 from sglbatch.engine.chat_messages import validate_messages
+from sglbatch.engine.client import EngineClient
 from sglbatch.engine.errors import EngineError
 from sglbatch.engine.sampling_params import SamplingParams
+from sglbatch.engine.stats import EngineStats
 from sglbatch.jobs.endpoint import EndpointClient
 from sglbatch.jobs.order import order_by_prefix
 from sglbatch.jobs.program import ProgramCall, ProgramEngine, ProgramOutput, program_backend
@@ -61,6 +63,7 @@ class JobRunner:
             total = len(range(i, total, n))
         logger.info("job %s: %s rows, %d already done, output %s", self.job.name,
                     total if total is not None else "?", len(done), self.output_path)
+        before = self._replica_stats()
         with JobProgress(self.console, self.job.name, total, self.stats) as progress:
             self._progress = progress
             try:
@@ -77,8 +80,25 @@ class JobRunner:
                 if isinstance(self.engine, ProgramEngine):
                     self.engine.close()
         writer.finalize()
+        self._record_replicas(before)
         logger.info("job %s finished: %s", self.job.name, self.stats.as_dict())
         return self.stats
+
+    def _replica_stats(self) -> dict[int, EngineStats]:
+        return self.engine.replica_stats() if isinstance(self.engine, EngineClient) else {}
+
+    def _record_replicas(self, before: dict[int, EngineStats]) -> None:
+        """Data parallel: what each replica did for this job (its stats before and after)."""
+        after = self._replica_stats()
+        if len(before) < 2:
+            return
+        for rank, now in after.items():
+            then = before.get(rank, EngineStats())
+            self.stats.replicas[rank] = {
+                "rows": now.requests - then.requests,
+                "prompt_tokens": now.prompt_tokens - then.prompt_tokens,
+                "cached_tokens": now.cached_tokens - then.cached_tokens,
+                "output_tokens": now.generation_tokens - then.generation_tokens}
 
     def _prepare(self, row: Row) -> _Prepared:
         if row.error is not None:  # the reader could not read it

@@ -334,7 +334,10 @@ class DataParallelEngine(EngineClient):
 
     @property
     def stats(self) -> EngineStats:
-        return EngineStats.merged(self._call_all("stats"))
+        return EngineStats.merged(list(self.replica_stats().values()))
+
+    def replica_stats(self) -> dict[int, EngineStats]:
+        return {r.rank: self._call(r, "stats") for r in self._replicas if r.alive}
 
     def start_profile(self, output_dir: str | None = None, num_steps: int | None = None,
                       record_shapes: bool = False, with_stack: bool = False,
