@@ -1,14 +1,17 @@
 """Command-line flags generated from the config dataclasses (EngineConfig, ServerArgs).
 
 Defaults and help are written once, in each dataclass's fields; the CLI adds them to its
-parsers, and `Runtime` turns keyword arguments into the same flags for a child server.
+commands as click options, and `Runtime` turns keyword arguments into the same flags for a
+child server.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+from types import SimpleNamespace
 from typing import Any
+
+import click
 
 _TYPES = {"int": int, "float": float, "int | None": int, "float | None": float}
 
@@ -17,22 +20,22 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+def dataclass_options(cls: type) -> list[click.Option]:
     """One flag per field of `cls`: bools are switches, the rest typed as annotated."""
-    group = parser.add_argument_group(title)
+    options = []
     for f in dataclasses.fields(cls):
         help_text = f.metadata.get("help", "")
         if f.type == "bool":
-            group.add_argument(flag_of(f.name), action="store_true", dest=f.name,
-                               help=help_text)
+            options.append(click.Option([flag_of(f.name), f.name], is_flag=True, help=help_text))
             continue
         default = f"(default: {f.default})" if f.default is not None else ""
-        group.add_argument(flag_of(f.name), type=_TYPES.get(str(f.type), str),
-                           default=f.default, dest=f.name,
-                           help=" ".join(p for p in (help_text, default) if p))
+        options.append(click.Option([flag_of(f.name), f.name], type=_TYPES.get(str(f.type), str),
+                                    default=f.default,
+                                    help=" ".join(p for p in (help_text, default) if p)))
+    return options
 
 
-def dataclass_kwargs(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+def dataclass_kwargs(args: SimpleNamespace, cls: type) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from sglbatch.cli import build_parser
+from sglbatch.cli import parse_args
 from sglbatch.config_flags import dataclass_kwargs, to_flags
 from sglbatch.engine.config import EngineConfig
 from sglbatch.server.args import ServerArgs
@@ -17,10 +17,10 @@ def test_runtime_flags_parse_back_to_the_same_values():
               "context_length": 64, "chat_template": None}
     flags, unknown = to_flags({**values, "mem_fraction_static": 0.8}, ServerArgs, EngineConfig)
     assert unknown == ["mem_fraction_static"]  # an SGLang flag serve does not take
-    args = build_parser().parse_args(["serve", *flags])
+    args = parse_args(["serve", *flags])
     parsed = {**dataclass_kwargs(args, ServerArgs), **dataclass_kwargs(args, EngineConfig)}
     assert {k: parsed[k] for k in values} == values
-    defaults = build_parser().parse_args(["serve"])
+    defaults = parse_args(["serve"])
     assert ServerArgs(**dataclass_kwargs(defaults, ServerArgs)) == ServerArgs()
 
 

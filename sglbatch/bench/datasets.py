@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import IO, Any
+
+import click
 
 from sglbatch.engine.tokenizer import Tokenizer
 
@@ -119,45 +121,45 @@ def gsm8k_requests(tokenizer: Tokenizer, data_path: str | None, num_prompts: int
                          output_len, stop=tuple(STOP), ignore_eos=False) for row in test]
 
 
-def add_dataset_args(parser: argparse.ArgumentParser) -> None:
-    """The workload flags every benchmark shares (`bench offline`, `bench serving`)."""
-    parser.add_argument("--dataset-name", default="random", choices=DATASETS,
-                        help="workload (default: random)")
-    parser.add_argument("--dataset-path", help="gsm8k: folder with train.jsonl and test.jsonl "
-                        "(default: download from the public URL once)")
-    parser.add_argument("--num-prompts", type=int, default=128, help="(default: 128)")
-    parser.add_argument("--random-input-len", type=int, default=256, help="(default: 256)")
-    parser.add_argument("--random-output-len", type=int, default=128, help="(default: 128)")
-    parser.add_argument("--random-range-ratio", type=float, default=1.0,
-                        help="lengths are uniform in [len * ratio, len] (default: 1.0)")
-    parser.add_argument("--sharegpt-output-len", type=int,
-                        help="sharegpt: output length for every request (default: the "
-                             "conversation's reply length)")
-    parser.add_argument("--sharegpt-context-len", type=int, default=2048,
-                        help="sharegpt: skip conversations whose prompt + output exceed this "
-                             "(default: 2048)")
-    parser.add_argument("--gsp-num-groups", type=int, default=16, help="(default: 16)")
-    parser.add_argument("--gsp-prompts-per-group", type=int, default=16, help="(default: 16)")
-    parser.add_argument("--gsp-system-prompt-len", type=int, default=1024,
-                        help="shared prefix length in tokens (default: 1024)")
-    parser.add_argument("--gsp-question-len", type=int, default=64, help="(default: 64)")
-    parser.add_argument("--gsp-output-len", type=int, default=64, help="(default: 64)")
-    parser.add_argument("--num-shots", type=int, default=5, help="gsm8k: k-shot (default: 5)")
-    parser.add_argument("--gsm8k-output-len", type=int, default=256,
-                        help="gsm8k: max_new_tokens; outputs stop at \"Question\" "
-                             "(default: 256)")
-    parser.add_argument("--seed", type=int, default=1, help="(default: 1)")
+# The workload flags every benchmark shares (`bench offline`, `bench serving`).
+DATASET_OPTIONS = [
+    click.Option(["--dataset-name"], default="random", type=click.Choice(DATASETS),
+                 help="workload (default: random)"),
+    click.Option(["--dataset-path"], help="gsm8k: folder with train.jsonl and test.jsonl "
+                 "(default: download from the public URL once)"),
+    click.Option(["--num-prompts"], type=int, default=128, help="(default: 128)"),
+    click.Option(["--random-input-len"], type=int, default=256, help="(default: 256)"),
+    click.Option(["--random-output-len"], type=int, default=128, help="(default: 128)"),
+    click.Option(["--random-range-ratio"], type=float, default=1.0,
+                 help="lengths are uniform in [len * ratio, len] (default: 1.0)"),
+    click.Option(["--sharegpt-output-len"], type=int,
+                 help="sharegpt: output length for every request (default: the "
+                      "conversation's reply length)"),
+    click.Option(["--sharegpt-context-len"], type=int, default=2048,
+                 help="sharegpt: skip conversations whose prompt + output exceed this "
+                      "(default: 2048)"),
+    click.Option(["--gsp-num-groups"], type=int, default=16, help="(default: 16)"),
+    click.Option(["--gsp-prompts-per-group"], type=int, default=16, help="(default: 16)"),
+    click.Option(["--gsp-system-prompt-len"], type=int, default=1024,
+                 help="shared prefix length in tokens (default: 1024)"),
+    click.Option(["--gsp-question-len"], type=int, default=64, help="(default: 64)"),
+    click.Option(["--gsp-output-len"], type=int, default=64, help="(default: 64)"),
+    click.Option(["--num-shots"], type=int, default=5, help="gsm8k: k-shot (default: 5)"),
+    click.Option(["--gsm8k-output-len"], type=int, default=256,
+                 help="gsm8k: max_new_tokens; outputs stop at \"Question\" (default: 256)"),
+    click.Option(["--seed"], type=int, default=1, help="(default: 1)"),
+]
 
 
-def dataset_record(args: argparse.Namespace) -> dict[str, Any]:
+def dataset_record(args: SimpleNamespace) -> dict[str, Any]:
     """The workload flags of a run, for its result record."""
     return {k: v for k, v in vars(args).items()
             if k.split("_")[0] in ("dataset", "num", "random", "sharegpt", "gsp", "seed", "gsm8k")}
 
 
-def build_requests(args: argparse.Namespace, tokenizer: Tokenizer, vocab_size: int
+def build_requests(args: SimpleNamespace, tokenizer: Tokenizer, vocab_size: int
                    ) -> list[BenchRequest]:
-    """The workload `add_dataset_args` describes (random ids are drawn below `vocab_size`)."""
+    """The workload `DATASET_OPTIONS` describe (random ids are drawn below `vocab_size`)."""
     if args.dataset_name == "random":
         return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, vocab_size, args.seed)

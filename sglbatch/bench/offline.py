@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from sglbatch.bench import datasets
-from sglbatch.bench.ceiling import decode_ceiling, model_flops_per_token
+from sglbatch.bench.ceiling import decode_ceiling
 from sglbatch.bench.datasets import BenchRequest
 from sglbatch.engine.api_types import GenerateRequest
 from sglbatch.engine.sampling_params import SamplingParams
@@ -31,8 +31,7 @@ SECTIONS = {"Options": [
 
 
 def build_requests(args: SimpleNamespace, engine: Any) -> list[BenchRequest]:
-    return datasets.build_requests(args, engine.tokenizer,
-                                   engine.model_runner.model_config.vocab_size)
+    return datasets.build_requests(args, engine.tokenizer, engine.info.vocab_size)
 
 
 def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, float]:
@@ -61,6 +60,7 @@ def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, float]:
 
 
 def run(args: SimpleNamespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    import torch
     from rich.console import Console
 
     from sglbatch.engine.engine import Engine
@@ -72,11 +72,10 @@ def run(args: SimpleNamespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
         requests = build_requests(args, engine)
         with console.status(f"sglbatch: {len(requests)} requests..."):
             result = run_engine(engine, requests)
-        model_dir = engine.model_runner.model_dir
-        dtype, device = engine.model_runner.dtype, engine.model_runner.device
-        flops_per_token = model_flops_per_token(engine.model_runner.model)
+        info = engine.info
+    model_dir, dtype, device = Path(info.model_dir), getattr(torch, info.dtype), info.device
     # Measured with the engine's thread gone: two threads running torch at once slow each other.
-    ceiling = decode_ceiling(flops_per_token, dtype)
+    ceiling = decode_ceiling(info.flops_per_token, dtype)
     dataset_args = datasets.dataset_record(args)
     record: dict[str, Any] = {
         "backend": "sglbatch", **dataset_args, "dtype": str(dtype).removeprefix("torch."),

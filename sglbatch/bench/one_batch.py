@@ -15,7 +15,6 @@ top next-token ids and the greedy continuation, to compare with transformers.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import random
@@ -23,10 +22,13 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import click
 import torch
 
+from sglbatch.cli_base import MultiValueOption
 from sglbatch.engine.batch import Batch, ForwardMode, StepResult
 from sglbatch.engine.request import Req
 from sglbatch.engine.sampling_params import SamplingParams
@@ -39,28 +41,29 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-name", default="default", help="recorded in each result line")
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[1],
-                        help="one or more batch sizes (default: 1)")
-    parser.add_argument("--input-len", type=int, nargs="+", default=[1024],
-                        help="one or more prompt lengths in tokens (default: 1024)")
-    parser.add_argument("--output-len", type=int, nargs="+", default=[16],
-                        help="one or more output lengths in tokens (default: 16)")
-    parser.add_argument("--result-filename", type=Path,
-                        help="append one JSON line per (batch, input, output) combination")
-    parser.add_argument("--seed", type=int, default=1,
-                        help="seed of the random synthetic prompts (default: 1)")
-    parser.add_argument("--log-decode-step", type=int, default=0,
-                        help="print every N-th decode step's latency (default: 0, off)")
-    parser.add_argument("--correct", "--correctness-test", dest="correct", action="store_true",
-                        help="correctness mode: fixed prompts, print the prefill's top next "
-                             "tokens and the greedy output (first --output-len value)")
-    parser.add_argument("--cut-len", type=int, default=4,
-                        help="--correct: prefill this many prompt tokens first, then the rest "
-                             "as an extend on top of them (default: 4; 0 = one prefill)")
-    parser.add_argument("--prompt-filename", type=Path,
-                        help="--correct: prompts, one per line (default: three fixed prompts)")
+SECTIONS = {"Options": [
+    click.Option(["--run-name"], default="default", help="recorded in each result line"),
+    MultiValueOption(["--batch-size"], type=int, default=[1],
+                     help="one or more batch sizes (default: 1)"),
+    MultiValueOption(["--input-len"], type=int, default=[1024],
+                     help="one or more prompt lengths in tokens (default: 1024)"),
+    MultiValueOption(["--output-len"], type=int, default=[16],
+                     help="one or more output lengths in tokens (default: 16)"),
+    click.Option(["--result-filename"], type=click.Path(path_type=Path),
+                 help="append one JSON line per (batch, input, output) combination"),
+    click.Option(["--seed"], type=int, default=1,
+                 help="seed of the random synthetic prompts (default: 1)"),
+    click.Option(["--log-decode-step"], type=int, default=0,
+                 help="print every N-th decode step's latency (default: 0, off)"),
+    click.Option(["--correct", "--correctness-test", "correct"], is_flag=True,
+                 help="correctness mode: fixed prompts, print the prefill's top next tokens "
+                      "and the greedy output (first --output-len value)"),
+    click.Option(["--cut-len"], type=int, default=4,
+                 help="--correct: prefill this many prompt tokens first, then the rest as an "
+                      "extend on top of them (default: 4; 0 = one prefill)"),
+    click.Option(["--prompt-filename"], type=click.Path(path_type=Path),
+                 help="--correct: prompts, one per line (default: three fixed prompts)"),
+]}
 
 
 def load_model(engine_kwargs: dict[str, Any]) -> tuple[Any, Any]:
@@ -287,7 +290,7 @@ def correctness_test(runner: Any, tokenizer: Any, prompts: list[str], output_len
             for i, (prompt, ids, out) in enumerate(zip(prompts, input_ids, outputs))]
 
 
-def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> list[Any]:
+def run(args: SimpleNamespace, engine_kwargs: dict[str, Any]) -> list[Any]:
     from rich.console import Console
 
     console = Console()
@@ -315,7 +318,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> list[Any]:
     return results
 
 
-def _run_correct(console: Any, args: argparse.Namespace, runner: Any,
+def _run_correct(console: Any, args: SimpleNamespace, runner: Any,
                  tokenizer: Any) -> list[CorrectnessResult]:
     prompts = DEFAULT_PROMPTS
     if args.prompt_filename:

@@ -9,27 +9,28 @@ For `serve` the trace is written when the server stops (SIGINT/SIGTERM).
 
 from __future__ import annotations
 
-import argparse
 import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import click
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", type=Path,
-                        help="where the trace goes (default: $SGLANG_TORCH_PROFILER_DIR or "
-                             "$SGLBATCH_TORCH_PROFILER_DIR, else the temp dir)")
-    parser.add_argument("--record-shapes", action="store_true",
-                        help="record input shapes of each op")
-    parser.add_argument("--with-stack", action="store_true",
-                        help="record Python stacks (larger traces, more overhead)")
-    parser.add_argument("--top", type=int, default=20,
-                        help="ops shown in the summary table (default: 20)")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="-- then the sglbatch subcommand and its arguments, e.g. "
-                             "-- bench one-batch --batch-size 4 --input-len 128")
+SECTIONS = {"Options": [
+    click.Option(["--output-dir"], type=click.Path(path_type=Path),
+                 help="where the trace goes (default: $SGLANG_TORCH_PROFILER_DIR or "
+                      "$SGLBATCH_TORCH_PROFILER_DIR, else the temp dir)"),
+    click.Option(["--record-shapes"], is_flag=True, help="record input shapes of each op"),
+    click.Option(["--with-stack"], is_flag=True,
+                 help="record Python stacks (larger traces, more overhead)"),
+    click.Option(["--top"], type=int, default=20,
+                 help="ops shown in the summary table (default: 20)"),
+    click.Argument(["command"], nargs=-1,
+                   help="-- then the sglbatch subcommand and its arguments, e.g. -- bench "
+                        "one-batch --batch-size 4 --input-len 128"),
+]}
 
 
 class _Terminated(BaseException):  # not caught by `except Exception` on the way out
@@ -40,14 +41,12 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
-def run(args: argparse.Namespace, parse: Callable[[list[str]], argparse.Namespace]) -> int:
+def run(args: SimpleNamespace, parse: Callable[[list[str]], SimpleNamespace]) -> int:
     from rich.console import Console
 
     from sglbatch.engine.profiler import ProfileSession, print_top_ops
 
     argv = list(args.command)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
     if not argv:
         raise ValueError("profile: give the subcommand to run after --, e.g. "
                          "`sglbatch profile -- bench one-batch --batch-size 4`")

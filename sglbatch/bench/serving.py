@@ -5,7 +5,6 @@ inter-token latencies and end-to-end latency are measured on the client."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
@@ -14,7 +13,10 @@ import random
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import click
 
 from sglbatch.bench import datasets
 from sglbatch.bench.serving_backends import BACKENDS, NATIVE_BACKENDS
@@ -29,10 +31,10 @@ def parse_rates(text: str) -> list[float]:
         try:
             rate = float(part.strip())
         except ValueError:
-            raise argparse.ArgumentTypeError(
+            raise click.BadParameter(
                 f"not a request rate: {part.strip()!r} (a number > 0 or inf)") from None
         if not rate > 0:
-            raise argparse.ArgumentTypeError(f"a request rate must be > 0 (or inf), got {part}")
+            raise click.BadParameter(f"a request rate must be > 0 (or inf), got {part}")
         rates.append(rate)
     return rates
 
@@ -41,9 +43,9 @@ def _json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+        raise click.BadParameter(f"not JSON: {e}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
+        raise click.BadParameter("must be a JSON object")
     return value
 
 
@@ -51,56 +53,61 @@ def rate_label(rate: float) -> str:
     return "inf" if math.isinf(rate) else f"{rate:g}"
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    server = parser.add_argument_group("server")
-    server.add_argument("--backend", default="sglbatch", choices=BACKENDS,
-                        help="sglbatch/sglang: POST /generate (token ids); openai/vllm: "
-                             "/v1/completions; openai-chat: /v1/chat/completions "
-                             "(default: sglbatch)")
-    server.add_argument("--base-url", help="the server's URL (default: http://HOST:PORT)")
-    server.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1)")
-    server.add_argument("--port", type=int, default=30000, help="(default: 30000)")
-    server.add_argument("--model", help="the model name sent to the OpenAI backends (default: "
-                        "the first id of GET /v1/models); also the tokenizer when --tokenizer "
-                        "is not given")
-    server.add_argument("--tokenizer", help="model path or alias whose tokenizer turns the "
-                        "workload's token ids into text and counts tokens (default: --model, "
-                        "else the server's model if it is a local path, else "
-                        "smollm2-135m-instruct)")
-    server.add_argument("--api-key", help="sent as `Authorization: Bearer KEY` "
-                        "(default: $OPENAI_API_KEY)")
-    datasets.add_dataset_args(parser)
-    load = parser.add_argument_group("load")
-    load.add_argument("--request-rate", type=parse_rates, default=[math.inf],
-                      help="requests per second, Poisson arrivals; inf sends all at once; a "
-                           "comma-separated list runs one benchmark per rate (default: inf)")
-    load.add_argument("--max-concurrency", type=int,
-                      help="at most this many requests in flight (default: no limit)")
-    load.add_argument("--warmup-requests", type=int, default=1,
-                      help="requests sent (and not counted) before the first rate (default: 1)")
-    load.add_argument("--disable-ignore-eos", action="store_true",
-                      help="let outputs end at EOS instead of generating exactly the output "
-                           "length")
-    load.add_argument("--disable-stream", action="store_true",
-                      help="non-streaming requests (TTFT is then the whole latency)")
-    load.add_argument("--disable-flush-cache", action="store_true",
-                      help="do not POST /flush_cache before each rate (sglbatch and SGLang "
-                           "empty their prefix cache, so no rate reuses an earlier one's "
-                           "prompts; other servers answer 404 and nothing happens)")
-    load.add_argument("--extra-request-body", type=_json_object, default={},
-                      metavar="JSON", help="fields added to every request body (native "
-                      "backends: sampling parameters go in sampling_params)")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output-file", type=Path,
-                     help="append one JSON summary line per rate here")
-    out.add_argument("--output-details", type=Path,
+SECTIONS = {
+    "Options": datasets.DATASET_OPTIONS,
+    "Server options": [
+        click.Option(["--backend"], default="sglbatch", type=click.Choice(BACKENDS),
+                     help="sglbatch/sglang: POST /generate (token ids); openai/vllm: "
+                          "/v1/completions; openai-chat: /v1/chat/completions (default: "
+                          "sglbatch)"),
+        click.Option(["--base-url"], help="the server's URL (default: http://HOST:PORT)"),
+        click.Option(["--host"], default="127.0.0.1", help="(default: 127.0.0.1)"),
+        click.Option(["--port"], type=int, default=30000, help="(default: 30000)"),
+        click.Option(["--model"], help="the model name sent to the OpenAI backends (default: "
+                     "the first id of GET /v1/models); also the tokenizer when --tokenizer is "
+                     "not given"),
+        click.Option(["--tokenizer"], help="model path or alias whose tokenizer turns the "
+                     "workload's token ids into text and counts tokens (default: --model, else "
+                     "the server's model if it is a local path, else smollm2-135m-instruct)"),
+        click.Option(["--api-key"], help="sent as `Authorization: Bearer KEY` (default: "
+                     "$OPENAI_API_KEY)"),
+    ],
+    "Load options": [
+        click.Option(["--request-rate"], type=parse_rates, default="inf",
+                     metavar="RATE[,RATE...]",
+                     help="requests per second, Poisson arrivals; inf sends all at once; a "
+                          "comma-separated list runs one benchmark per rate (default: inf)"),
+        click.Option(["--max-concurrency"], type=int,
+                     help="at most this many requests in flight (default: no limit)"),
+        click.Option(["--warmup-requests"], type=int, default=1,
+                     help="requests sent (and not counted) before the first rate (default: 1)"),
+        click.Option(["--disable-ignore-eos"], is_flag=True,
+                     help="let outputs end at EOS instead of generating exactly the output "
+                          "length"),
+        click.Option(["--disable-stream"], is_flag=True,
+                     help="non-streaming requests (TTFT is then the whole latency)"),
+        click.Option(["--disable-flush-cache"], is_flag=True,
+                     help="do not POST /flush_cache before each rate (sglbatch and SGLang "
+                          "empty their prefix cache, so no rate reuses an earlier one's "
+                          "prompts; other servers answer 404 and nothing happens)"),
+        click.Option(["--extra-request-body"], type=_json_object, default="{}", metavar="JSON",
+                     help="fields added to every request body (native backends: sampling "
+                          "parameters go in sampling_params)"),
+    ],
+    "Output options": [
+        click.Option(["--output-file"], type=click.Path(path_type=Path),
+                     help="append one JSON summary line per rate here"),
+        click.Option(["--output-details"], type=click.Path(path_type=Path),
                      help="write one JSON line per request here (rate, ttft, itl, latency, "
-                          "prompt_len, output_len, error, ...)")
-    out.add_argument("--plot", type=Path, help="save a PNG: latency percentiles vs request "
-                     "rate and output tokens/s over time")
+                          "prompt_len, output_len, error, ...)"),
+        click.Option(["--plot"], type=click.Path(path_type=Path),
+                     help="save a PNG: latency percentiles vs request rate and output tokens/s "
+                          "over time"),
+    ],
+}
 
 
-def resolve_base_url(args: argparse.Namespace) -> str:
+def resolve_base_url(args: SimpleNamespace) -> str:
     url = (args.base_url or f"http://{args.host}:{args.port}").rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"--base-url must start with http:// or https://, got {url!r}")
@@ -209,7 +216,7 @@ async def run_rate(client: Any, func: Any, inputs: list[Any], rate: float,
     return list(outputs), time.perf_counter() - start
 
 
-async def _run_all(args: argparse.Namespace, base_url: str, headers: dict[str, str],
+async def _run_all(args: SimpleNamespace, base_url: str, headers: dict[str, str],
                    inputs: list[Any], on_rate: Any, console: Any) -> None:
     import aiohttp
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -243,7 +250,7 @@ async def _run_all(args: argparse.Namespace, base_url: str, headers: dict[str, s
             on_rate(rate, outputs, duration)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: SimpleNamespace) -> int:
     """The whole command; returns the exit status (1 when a rate completed no request)."""
     from rich.console import Console
 

@@ -3,15 +3,15 @@ on the in-process engine, a server (`--base-url`), or transformers `generate`.""
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import os
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
-from sglbatch.eval.completers import Completion
+import click
+
 from sglbatch.bench.gsm8k import (
     INVALID,
     STOP,
@@ -20,39 +20,43 @@ from sglbatch.bench.gsm8k import (
     load_gsm8k,
     question_prompt,
 )
+from sglbatch.eval.completers import Completion
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+SECTIONS = {"Options": [
+    click.Option(["--backend"], default="sglbatch", type=click.Choice(["sglbatch", "transformers"]),
+                 help="sglbatch: the in-process engine, or the server at --base-url; "
+                      "transformers: greedy transformers `generate` on the same prompt tokens, "
+                      "--parallel prompts per batch (default: sglbatch)"),
+    click.Option(["--base-url"], help="a server speaking SGLang's native API (sglbatch serve, "
+                 "SGLang), e.g. http://127.0.0.1:30000; without it the model runs in process"),
+    click.Option(["--api-key"], envvar="SGLANG_API_KEY",
+                 help="the server's key (default: $SGLANG_API_KEY)"),
+    click.Option(["--num-questions"], type=int, default=200,
+                 help="the first N test questions; 0 = all 1,319 (default: 200)"),
+    click.Option(["--num-shots"], type=int, default=5, help="(default: 5)"),
+    click.Option(["--shots-from"], default="train", type=click.Choice(["train", "test"]),
+                 help="where the worked examples come from. test reproduces SGLang's benchmark "
+                      "exactly (its shots are the first test questions, which are then also "
+                      "asked) (default: train)"),
+    click.Option(["--parallel"], type=int, default=64,
+                 help="questions in flight at once (default: 64)"),
+    click.Option(["--max-new-tokens"], type=int, default=512,
+                 help="per answer; answers also stop at \"Question\" (default: 512)"),
+    click.Option(["--data-path"], help="folder with train.jsonl and test.jsonl (default: "
+                 "downloaded once from the public URL into the cache)"),
+    click.Option(["--output-file"], type=click.Path(path_type=Path),
+                 default=Path("gsm8k_results.jsonl"),
+                 help="append a result line here (default: gsm8k_results.jsonl)"),
+    click.Option(["--answers-file"], type=click.Path(path_type=Path),
+                 help="each question's prompt, answer and score, one JSON line each (default: "
+                      "the output file's name + .answers.jsonl)"),
+]}
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default="sglbatch", choices=["sglbatch", "transformers"],
-                        help="sglbatch: the in-process engine, or the server at --base-url; "
-                             "transformers: greedy transformers `generate` on the same prompt "
-                             "tokens, --parallel prompts per batch (default: sglbatch)")
-    parser.add_argument("--base-url", help="a server speaking SGLang's native API (sglbatch "
-                        "serve, SGLang), e.g. http://127.0.0.1:30000; without it the model "
-                        "runs in process")
-    parser.add_argument("--api-key", default=os.environ.get("SGLANG_API_KEY"),
-                        help="the server's key (default: $SGLANG_API_KEY)")
-    parser.add_argument("--num-questions", type=int, default=200,
-                        help="the first N test questions; 0 = all 1,319 (default: 200)")
-    parser.add_argument("--num-shots", type=int, default=5, help="(default: 5)")
-    parser.add_argument("--shots-from", default="train", choices=["train", "test"],
-                        help="where the worked examples come from. test reproduces SGLang's "
-                             "benchmark exactly (its shots are the first test questions, "
-                             "which are then also asked) (default: train)")
-    parser.add_argument("--parallel", type=int, default=64,
-                        help="questions in flight at once (default: 64)")
-    parser.add_argument("--max-new-tokens", type=int, default=512,
-                        help="per answer; answers also stop at \"Question\" (default: 512)")
-    parser.add_argument("--data-path", help="folder with train.jsonl and test.jsonl (default: "
-                        "downloaded once from the public URL into the cache)")
-    parser.add_argument("--output-file", type=Path, default=Path("gsm8k_results.jsonl"),
-                        help="append a result line here (default: gsm8k_results.jsonl)")
-    parser.add_argument("--answers-file", type=Path,
-                        help="each question's prompt, answer and score, one JSON line each "
-                             "(default: the output file's name + .answers.jsonl)")
-
-
-def build_questions(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]]:
+def build_questions(args: SimpleNamespace) -> tuple[str, list[dict[str, Any]]]:
     """The shared k-shot prefix, and the test questions with their labels."""
     if args.num_shots < 0 or args.num_questions < 0 or args.parallel < 1:
         raise ValueError("--num-shots and --num-questions must be >= 0 and --parallel >= 1")
@@ -63,7 +67,7 @@ def build_questions(args: argparse.Namespace) -> tuple[str, list[dict[str, Any]]
         {"question": row["question"], "label": answer_value(row["answer"])} for row in rows]
 
 
-def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+def run(args: SimpleNamespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
     from rich.console import Console
 
     console = Console()
@@ -91,13 +95,13 @@ def run(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> dict[str, An
 class _Completer:
     """Loads what `--backend`/`--base-url` name and completes prompts with it."""
 
-    def __init__(self, args: argparse.Namespace, engine_kwargs: dict[str, Any], console: Any):
+    def __init__(self, args: SimpleNamespace, engine_kwargs: dict[str, Any], console: Any):
         self.args = args
         self.engine_kwargs = engine_kwargs
         self.console = console
         self.engine = None
 
-    def __enter__(self) -> _Completer:
+    def __enter__(self) -> Self:
         from sglbatch.engine.config import EngineConfig
         from sglbatch.engine.model_source import resolve_model_path
 
