@@ -105,15 +105,15 @@ class SglSamplingParams:
         }
 
     def to_litellm_kwargs(self) -> dict[str, Any]:
-        self._warn_regex("LiteLLM")
-        return {
-            "max_tokens": self.max_new_tokens,
+        self._warn_regex("LiteLLM")  # LiteLLM speaks OpenAI's names
+        return to_openai({
+            "max_new_tokens": self.max_new_tokens,
             "stop": self.stop or None,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "frequency_penalty": self.frequency_penalty,
             "presence_penalty": self.presence_penalty,
-        }
+        })
 
     def to_sampling_params(self) -> SamplingParams:
         """The engine's (and a server's) sampling parameters for this gen call."""
