@@ -1,9 +1,11 @@
-"""A scheduled batch (`Batch`, scheduler side) and its tensors (`ForwardBatch`, model side)."""
+"""A scheduled batch (`Batch`, scheduler side), its forward inputs as host values
+(`StepInputs`, what tensor-parallel rank 0 sends the others) and its tensors (`ForwardBatch`,
+model side)."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,3 +69,39 @@ class ForwardBatch:
     def last_token_indices(self) -> torch.Tensor:
         """Row of each request's last token: the one whose logits predict the next token."""
         return self.extend_start + self.extend_lens - 1
+
+
+@dataclass(eq=False)
+class StepInputs:
+    """One forward pass's inputs on the host: all a rank needs to run its shard of the step.
+    Small enough to send every step: the req -> token table is not in it, only the entries
+    changed since the previous step (`table_changes`, for the other ranks' copies)."""
+
+    mode: ForwardMode
+    input_ids: list[int]
+    prefix_lens: list[int]  # tokens of each request already in the pool
+    extend_lens: list[int]
+    out_cache_loc: torch.Tensor  # on the host
+    req_pool_indices: list[int]
+    all_logits: bool = False  # logits for every new token, not only each request's last
+    logprob_rows: list[int] = field(default_factory=list)  # rows that owe input logprobs
+    table_changes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def to_forward_batch(self, device: torch.device, req_to_token: torch.Tensor) -> ForwardBatch:
+        positions: list[int] = []
+        starts = [0]
+        for prefix_len, extend_len in zip(self.prefix_lens, self.extend_lens):
+            positions.extend(range(prefix_len, prefix_len + extend_len))
+            starts.append(starts[-1] + extend_len)
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return ForwardBatch(
+            mode=self.mode, input_ids=tensor(self.input_ids), positions=tensor(positions),
+            out_cache_loc=self.out_cache_loc.to(device),
+            req_pool_indices=tensor(self.req_pool_indices),
+            extend_lens=tensor(self.extend_lens), extend_start=tensor(starts[:-1]),
+            req_to_token=req_to_token,
+            seq_lens_cpu=[p + e for p, e in zip(self.prefix_lens, self.extend_lens)],
+            prefix_lens_cpu=list(self.prefix_lens), extend_lens_cpu=list(self.extend_lens))

@@ -35,6 +35,8 @@ from sglbatch.engine.layers.linear import model_flops_per_token
 from sglbatch.engine.model_runner import ModelRunner
 from sglbatch.engine.model_source import resolve_model_path
 from sglbatch.engine.output_processor import OutputProcessor, TrackedRequest
+from sglbatch.engine.parallel.group import RankLost
+from sglbatch.engine.parallel.launch import create_model_runner
 from sglbatch.engine.profiler import ProfileSession
 from sglbatch.engine.request import Req, derive_seed
 from sglbatch.engine.scheduler import Scheduler
@@ -96,10 +98,11 @@ class Engine(EngineClient):
 
     def _engine_thread(self, model_dir: Any, ready: queue.Queue) -> None:
         """The engine thread: build the model side, report readiness, then loop."""
+        threads = torch.get_num_threads()  # restored when the engine ends (below)
         try:
             if self.config.num_threads:
                 torch.set_num_threads(self.config.num_threads)
-            self.model_runner = ModelRunner(self.config, model_dir)
+            self.model_runner = create_model_runner(self.config, model_dir)
             self.scheduler = Scheduler(self.config, self.model_runner.memory)
             self.info = _engine_info(self.model_runner)
             self.output = OutputProcessor(self.tokenizer,
@@ -107,10 +110,17 @@ class Engine(EngineClient):
                                           self.stats)
         except BaseException as e:  # re-raised in the caller's thread
             self._stopped = True
+            if hasattr(self, "model_runner"):
+                self.model_runner.close()
+            torch.set_num_threads(threads)
             ready.put(e)
             return
         ready.put(None)
-        self._loop()
+        try:
+            self._loop()
+        finally:
+            self.model_runner.close()  # tensor parallel: the other ranks exit with the engine
+            torch.set_num_threads(threads)
 
     # ---- public API (generate, run, stream and their async forms: EngineClient) ---------
 
@@ -389,10 +399,13 @@ class Engine(EngineClient):
 
     def _count_failure(self, error: Exception) -> None:
         self._consecutive_failures += 1
-        if self._consecutive_failures < MAX_CONSECUTIVE_STEP_FAILURES:
+        if isinstance(error, RankLost):  # a tensor-parallel rank is gone: no step can run
+            self._broken = f"the engine stopped: {error}; restart it"
+        elif self._consecutive_failures < MAX_CONSECUTIVE_STEP_FAILURES:
             return
-        self._broken = (f"the engine stopped after {self._consecutive_failures} failed steps "
-                        f"in a row (last: {_error_message(error)}); restart it")
+        else:
+            self._broken = (f"the engine stopped after {self._consecutive_failures} failed "
+                            f"steps in a row (last: {_error_message(error)}); restart it")
         logger.error("%s", self._broken)
         self._reset_scheduler()
         self._fail_in_flight(self._broken)

@@ -94,14 +94,18 @@ class ReqToTokenPool:
     `table` is what the model reads, on its device; `host` is the copy bookkeeping reads and
     writes (the same tensor on the CPU). `write` changes the host copy and remembers the
     span; `commit` sends every span changed since to the device in one indexed write.
+    With `mirrored` (rank 0 of a tensor-parallel engine), `take_unsent` also hands out the
+    entries changed since its last call, for the other ranks' copies of the table.
     """
 
-    def __init__(self, num_rows: int, max_context_len: int, device: str | torch.device = "cpu"):
+    def __init__(self, num_rows: int, max_context_len: int, device: str | torch.device = "cpu",
+                 mirrored: bool = False):
         shape = (num_rows, max_context_len)
         self.host = torch.zeros(shape, dtype=torch.int64, device="cpu")
         self.table = self.host if torch.device(device).type == "cpu" else \
             torch.zeros(shape, dtype=torch.int64, device=device)
         self._changed: list[tuple[int, int, int]] = []  # (row, start, end) since commit
+        self._unsent: list[tuple[int, int, int]] | None = [] if mirrored else None
         self.num_rows = num_rows
         self.free_all()
 
@@ -110,17 +114,42 @@ class ReqToTokenPool:
         self.host[row, start:end] = slots
         if self.table is not self.host:
             self._changed.append((row, start, end))
+        if self._unsent is not None:
+            self._unsent.append((row, start, end))
 
     def commit(self) -> None:
         if not self._changed:
             return
-        rows = torch.cat([torch.full((e - s,), r, dtype=torch.int64, device="cpu")
-                          for r, s, e in self._changed])
-        cols = torch.cat([torch.arange(s, e, device="cpu") for _, s, e in self._changed])
+        rows, cols, values = self._entries(self._changed)
         self._changed = []
+        self._put(rows, cols, values)
+
+    def take_unsent(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, cols, values) of the entries written since the last call (host tensors)."""
+        entries = self._entries(self._unsent)
+        self._unsent = []
+        return entries
+
+    def apply(self, entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Write entries taken from another copy's `take_unsent` (host and device)."""
+        rows, cols, values = entries
+        self.host[rows, cols] = values
+        if self.table is not self.host:
+            self._put(rows, cols, values)
+
+    def _entries(self, spans: list[tuple[int, int, int]]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not spans:
+            empty = torch.zeros(0, dtype=torch.int64, device="cpu")
+            return empty, empty, empty
+        rows = torch.cat([torch.full((e - s,), r, dtype=torch.int64, device="cpu")
+                          for r, s, e in spans])
+        cols = torch.cat([torch.arange(s, e, device="cpu") for _, s, e in spans])
         # Values come from the host copy as it is now: a span written twice since the last
         # commit carries its final slots, whichever duplicate index the device applies.
-        values = self.host[rows, cols]
+        return rows, cols, self.host[rows, cols]
+
+    def _put(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
         device = self.table.device
         self.table.index_put_((rows.to(device), cols.to(device)), values.to(device))
 

@@ -1,5 +1,6 @@
 """Streams (name, tensor) pairs out of a model directory's safetensors into the model,
-merging separate q/k/v and gate/up checkpoint tensors into the fused parameters."""
+merging separate q/k/v and gate/up checkpoint tensors into the fused parameters. A
+tensor-parallel rank's model takes only its shard of each tensor (`model.shard`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from sglbatch.engine.parallel.shard import RankShard
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +27,11 @@ def iter_weights(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def _shard_rows(param: nn.Parameter, shard: str | int, config) -> slice:
-    """Rows of a fused weight that one checkpoint tensor fills."""
+def _shard_rows(param: nn.Parameter, shard: str | int, rank_shard: RankShard) -> slice:
+    """Rows of a fused weight that one checkpoint tensor (this rank's part of it) fills."""
     if shard in ("q", "k", "v"):
-        q = config.num_attention_heads * config.head_dim
-        kv = config.num_key_value_heads * config.head_dim
+        q = rank_shard.num_q_heads * rank_shard.head_dim
+        kv = rank_shard.num_kv_heads * rank_shard.head_dim
         start = {"q": 0, "k": q, "v": q + kv}[shard]
         return slice(start, start + (q if shard == "q" else kv))
     half = param.shape[0] // 2
@@ -42,11 +45,12 @@ def load_weights(model: nn.Module, model_dir: Path, dtype: torch.dtype) -> None:
     for name, tensor in iter_weights(model_dir):
         if "rotary_emb" in name or (tied and name == "lm_head.weight"):
             continue
+        tensor = model.shard.slice_checkpoint(name, tensor)
         target, rows = name, slice(None)
         for ckpt_part, (fused, shard) in model.packed_modules.items():
             if f".{ckpt_part}." in name:
                 target = name.replace(ckpt_part, fused)
-                rows = _shard_rows(params[target], shard, model.config)
+                rows = _shard_rows(params[target], shard, model.shard)
                 break
         if target not in params:
             raise ValueError(f"{model_dir}: checkpoint tensor {name!r} has no place in the model")

@@ -111,8 +111,10 @@ class DataParallelEngine(EngineClient):
 
     def _start_replicas(self, engine_cls: type) -> list[_Replica]:
         config = self.config
-        # On the CPU the replicas split the cores; on CUDA each gets its own GPUs.
-        threads = config.num_threads or max(1, (os.cpu_count() or 1) // config.dp_size)
+        # On the CPU the replicas (and their tensor-parallel ranks) split the cores; on CUDA
+        # each gets its own GPUs.
+        cores = len(os.sched_getaffinity(0))
+        threads = config.num_threads or max(1, cores // (config.dp_size * config.tp_size))
         ctx = multiprocessing.get_context("spawn")  # no fork of a process running threads
         replicas = []
         for rank in range(config.dp_size):

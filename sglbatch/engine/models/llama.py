@@ -2,6 +2,10 @@
 
 Projections are fused (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`) so a layer runs
 two big matmuls instead of five; `packed_modules` tells the loader how checkpoints map in.
+
+Under tensor parallelism (a `group`), each rank builds its `shard` of every layer (see
+parallel/shard.py) and the layers whose partial results must be summed (o_proj, down_proj,
+the embedding) all-reduce them; the logits are gathered to rank 0.
 """
 
 from __future__ import annotations
@@ -15,15 +19,23 @@ from sglbatch.engine.config import ModelConfig
 from sglbatch.engine.layers.activation import silu_and_mul
 from sglbatch.engine.layers.norm import RMSNorm
 from sglbatch.engine.layers.rotary import RotaryEmbedding
+from sglbatch.engine.parallel.group import TPGroup
+from sglbatch.engine.parallel.shard import RankShard, plan_shards
 from sglbatch.engine.trace import trace_range
 
 
+def _all_reduce(group: TPGroup | None, x: torch.Tensor) -> torch.Tensor:
+    return x if group is None else group.all_reduce(x)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding,
+                 shard: RankShard, group: TPGroup | None):
         super().__init__()
         self.layer_id = layer_id
-        self.q_size = config.num_attention_heads * config.head_dim
-        self.kv_size = config.num_key_value_heads * config.head_dim
+        self.group = group
+        self.q_size = shard.num_q_heads * config.head_dim
+        self.kv_size = shard.num_kv_heads * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
@@ -37,26 +49,29 @@ class LlamaAttention(nn.Module):
             q, k = self.rotary(positions, q, k)
             with trace_range("sglbatch.attention_backend"):
                 out = attn.forward(q, k, v.contiguous(), self.layer_id, fb)
-            return self.o_proj(out)
+            return _all_reduce(self.group, self.o_proj(out))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: RankShard, group: TPGroup | None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        columns = len(shard.intermediate)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * columns, bias=False)
+        self.down_proj = nn.Linear(columns, config.hidden_size, bias=False)
+        self.group = group
         self.act = silu_and_mul  # swapped for a compiled one by layers.compile
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with trace_range("sglbatch.mlp"):
-            return self.down_proj(self.act(self.gate_up_proj(x)))
+            return _all_reduce(self.group, self.down_proj(self.act(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding,
+                 shard: RankShard, group: TPGroup | None):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, rotary)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, layer_id, rotary, shard, group)
+        self.mlp = LlamaMLP(config, shard, group)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.trace_name = f"sglbatch.layer.{layer_id}"
@@ -77,14 +92,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: RankShard, group: TPGroup | None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(shard.vocab_chunk, config.hidden_size)
         # One rotary table shared by every layer.
         rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                  config.rope_theta, config.rope_scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers))
+            LlamaDecoderLayer(config, i, rotary, shard, group)
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -95,22 +111,40 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: RankShard | None = None,
+                 group: TPGroup | None = None):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.shard = shard or plan_shards(config, 1)[0]  # what the loader fills
+        self.group = group
+        self.model = LlamaModel(config, self.shard, group)
+        self.lm_head = nn.Linear(config.hidden_size, self.shard.vocab_chunk, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
                 attn: AttentionBackend) -> torch.Tensor:
         """Returns final hidden states [tokens, hidden] (normed); see `compute_logits`."""
-        hidden, residual = self.model.embed_tokens(input_ids), None
+        hidden, residual = self._embed(input_ids), None
         for layer in self.model.layers:
             hidden, residual = layer(positions, hidden, residual, fb, attn)
         return self.model.norm(hidden, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.group is None:
+            return self.model.embed_tokens(input_ids)
+        # Vocabulary-parallel: rows of ids outside this rank's range are zero; the all-reduce
+        # sums the one rank's row with zeros (exact).
+        local = input_ids - self.shard.vocab.start
+        outside = (local < 0) | (local >= len(self.shard.vocab))
+        hidden = self.model.embed_tokens(local.masked_fill(outside, 0))
+        return self.group.all_reduce(hidden.masked_fill_(outside[:, None], 0))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits [tokens, vocab]; under tensor parallelism every rank must call it, and only
+        rank 0 gets them (None elsewhere)."""
         with trace_range("sglbatch.logits"):
-            return self.lm_head(hidden)
+            logits = self.lm_head(hidden)
+            if self.group is None:
+                return logits
+            return self.group.gather_vocab(logits, self.config.vocab_size)
