@@ -7,7 +7,8 @@ It runs, each step with its own time limit and log under --out:
 2. the engine's GPU tests (tests/engine/test_gpu.py: greedy vs transformers on CUDA, CUDA
    graphs, torch.compile, the attention backends, FlashInfer where installed);
 3. `sglbatch bench offline --device cuda --baseline transformers` on random prompts and on
-   GSM8K 5-shot: the engine and transformers `generate` on the same GPU, same requests.
+   GSM8K 5-shot: the engine and transformers `generate` on the same GPU, same requests;
+4. tensor parallelism: tp 2 greedy tokens equal tp 1 (NCCL), skipped with one GPU.
 It ends in one summary table (also written to --out/summary.json) and exits 1 if a step
 failed. Offline once the default model is in $SGLBATCH_CACHE_DIR and GSM8K is on disk.
 """
@@ -36,6 +37,7 @@ class Step:
     seconds: float = 0.0
     result: str = ""
     details: dict = field(default_factory=dict)
+    skip_reason: str | None = None  # set: the step is reported, not run
 
 
 def _pytest(name: str, paths: list[str], out: Path, timeout_s: int) -> Step:
@@ -51,9 +53,13 @@ def _bench(name: str, dataset: list[str], out: Path, timeout_s: int, device: str
                 timeout_s)
 
 
-def build_steps(args: argparse.Namespace) -> list[Step]:
+def build_steps(args: argparse.Namespace, gpu_count: int) -> list[Step]:
     out = args.out
     gsm8k = ["--dataset-path", str(args.gsm8k_path)] if args.gsm8k_path else []
+    tp = _pytest("tensor parallel tp 2", ["-m", "gpu", "tests/engine/parallel/test_gpu_tp.py"],
+                 out, 240)
+    if gpu_count < 2:
+        tp.skip_reason = f"skipped: {gpu_count} GPU visible, tp 2 needs two"
     return [
         _pytest("kernel tests", ["tests/kernels"], out, 150),
         _pytest("engine GPU tests", ["-m", "gpu", "tests/engine/test_gpu.py"], out, 240),
@@ -62,10 +68,14 @@ def build_steps(args: argparse.Namespace) -> list[Step]:
                out, 120),
         _bench("bench gsm8k", ["--dataset-name", "gsm8k", "--num-prompts", "128", *gsm8k],
                out, 120),
+        tp,
     ]
 
 
 def run_step(step: Step, out: Path) -> None:
+    if step.skip_reason is not None:
+        step.returncode, step.result = 0, step.skip_reason
+        return
     log = out / (step.name.replace(" ", "_") + ".log")
     start = time.perf_counter()
     with log.open("w") as f:
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         flashinfer_state = "not installed: its tests skip"
     device = f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, flashinfer " \
              f"{flashinfer_state}"
-    steps = build_steps(args)
+    steps = build_steps(args, torch.cuda.device_count())
     for step in steps:
         with console.status(f"{step.name} (at most {step.timeout_s}s)..."):
             run_step(step, args.out)

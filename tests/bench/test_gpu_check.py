@@ -63,3 +63,14 @@ def test_without_a_gpu_the_check_says_so(capsys):
         pytest.skip("a GPU is visible: the check would run")
     assert _gpu_check().main(["--out", "unused"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().out
+
+
+def test_the_tp2_step_is_skipped_with_one_gpu_and_runs_with_two(tmp_path):
+    check = _gpu_check()
+    args = check.argparse.Namespace(out=tmp_path, gsm8k_path=None)
+    [one] = [s for s in check.build_steps(args, gpu_count=1) if s.name.startswith("tensor")]
+    check.run_step(one, tmp_path)
+    assert one.returncode == 0 and one.result == "skipped: 1 GPU visible, tp 2 needs two"
+    assert not list(tmp_path.glob("*.log"))  # nothing ran
+    [two] = [s for s in check.build_steps(args, gpu_count=2) if s.name.startswith("tensor")]
+    assert two.skip_reason is None and "tests/engine/parallel/test_gpu_tp.py" in two.command
