@@ -249,15 +249,18 @@ class DataParallelEngine(EngineClient):
                             self._parts.pop(call, None)
                 case ("accepted", call, _):
                     with self._lock:
-                        part = self._unanswered.pop(call)
-                    part.accepted.put(None)
+                        part = self._unanswered.pop(call, None)  # None: failed already
+                    if part is not None:
+                        part.accepted.put(None)
                 case ("rejected", call, kind, text):
                     with self._lock:
-                        part = self._unanswered.pop(call)
-                        self._parts.pop(call)
-                        replica.in_flight -= part.left
-                    part.accepted.put(EngineError(text) if kind == "EngineError"
-                                      else ValueError(text))
+                        part = self._unanswered.pop(call, None)
+                        if part is not None:
+                            self._parts.pop(call, None)
+                            replica.in_flight -= part.left
+                    if part is not None:
+                        part.accepted.put(EngineError(text) if kind == "EngineError"
+                                          else ValueError(text))
                 case ("reply", reply, ok, value):
                     with self._lock:
                         _, answer = self._replies.pop(reply)
