@@ -99,7 +99,8 @@ def _cmd_run(args: SimpleNamespace) -> int:
 
     from sglbatch.jobs.command import parse_shard, run_jobs
 
-    return run_jobs(args.jobs, parse_shard(args.shard), args.dry_run, Console(stderr=True))
+    return run_jobs(args.jobs, parse_shard(args.shard), args.dry_run, Console(stderr=True),
+                    args.executor)
 
 
 def _cmd_merge(args: SimpleNamespace) -> int:
@@ -156,7 +157,11 @@ cli.add_command(_command(
                      "SLURM_ARRAY_TASK_ID/COUNT"),
         click.Option(["--dry-run"], is_flag=True,
                      help="validate the file and show the first rendered requests; no model "
-                          "runs")]},
+                          "runs"),
+        click.Option(["--executor"], type=click.Choice(["local", "ray"]),
+                     help="replaces every job's `executor`: local (this process's engine) or "
+                          "ray (engine replicas on a Ray cluster; pip install "
+                          "\"sglbatch[ray]\")")]},
     summary="run the jobs of a YAML file over their datasets (resumable)",
     description="Stream each job's input rows through the model and write one record per row "
                 "(id, text, meta_info, kept columns; or id and error). Rows sharing a prompt "

@@ -64,28 +64,33 @@ def _log_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-def run_jobs(path: str, shard: tuple[int, int] | None, dry_run: bool, console: Console) -> int:
-    jobs = load_jobs(path)
+def run_jobs(path: str, shard: tuple[int, int] | None, dry_run: bool, console: Console,
+             executor: str | None = None) -> int:
+    jobs = load_jobs(path, executor)
     if dry_run:
         for job in jobs:
             _dry_run(job, console)
         return 0
     from sglbatch.engine.engine import Engine
     from sglbatch.jobs.endpoint import EndpointClient, EndpointUnavailable
+    from sglbatch.jobs.ray_executor import RayJobRunner
     from sglbatch.jobs.runner import JobRunner, TooManyErrors
 
     engine, engine_args = None, None
     try:
         for job in jobs:
-            # Consecutive jobs on one model share its engine; an endpoint job talks HTTP.
-            if job.model is not None and job.model != engine_args:
-                if engine is not None:
-                    engine.shutdown()
-                with console.status(f"loading {job.model['model_path']}..."):
-                    engine = Engine(**job.model)
-                engine_args = job.model
-            target = EndpointClient(job.endpoint) if job.endpoint is not None else engine
-            runner = JobRunner(job, target, shard, console)
+            if job.executor == "ray":  # the engines live in Ray actors
+                runner = RayJobRunner(job, shard, console)
+            else:
+                # Consecutive jobs on one model share its engine; an endpoint job talks HTTP.
+                if job.model is not None and job.model != engine_args:
+                    if engine is not None:
+                        engine.shutdown()
+                    with console.status(f"loading {job.model['model_path']}..."):
+                        engine = Engine(**job.model)
+                    engine_args = job.model
+                target = EndpointClient(job.endpoint) if job.endpoint is not None else engine
+                runner = JobRunner(job, target, shard, console)
             output = runner.output_path
             with _log_to(output.with_name(output.name + ".log")):
                 try:

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +39,90 @@ class TooManyErrors(RuntimeError):
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     row: Row
     request: GenerateRequest | ProgramCall
     order_key: tuple  # token ids (in-process), else the text: shared prefixes sort together
+
+
+def prepare_request(job: JobSpec, engine: Any, row: Row) -> Prepared:
+    """The row's request for `engine` (an EngineClient, EndpointClient or ProgramEngine);
+    RowError when the row cannot run."""
+    if row.error is not None:  # the reader could not read it
+        raise RowError(row.error)
+    sampling = render_sampling(job, row.data)
+    if isinstance(engine, ProgramEngine):
+        arguments = engine.arguments(row.data)
+        key = json.dumps(arguments, sort_keys=True, default=str)
+        return Prepared(row, ProgramCall(arguments, sampling), tuple(key))
+    try:
+        params = SamplingParams.from_dict(sampling)
+    except ValueError as e:  # an unknown key in the row's sampling column
+        raise RowError(str(e)) from None
+    request = render_input(job, row)
+    if job.endpoint is not None:  # the server tokenizes
+        key = request if isinstance(request, str) else json.dumps(request)
+        kind = "prompt" if isinstance(request, str) else "messages"
+        return Prepared(row, GenerateRequest(**{kind: request}, sampling_params=params),
+                        tuple(key))
+    tokenizer = engine.tokenizer
+    if isinstance(request, str):
+        input_ids = tokenizer.encode(request)
+    else:
+        try:
+            validate_messages(request)
+        except ValueError as e:
+            raise RowError(str(e)) from None
+        try:
+            input_ids = tokenizer.apply_chat_template(request)
+        except Exception as e:  # a template that rejects these messages
+            raise RowError(f"messages: the chat template rejected them: {e}") from e
+    return Prepared(row, GenerateRequest(input_ids=input_ids, sampling_params=params),
+                    tuple(input_ids))
+
+
+def make_record(job: JobSpec, row: Row, result: GenerateOutput | str) -> dict[str, Any]:
+    """The row's output record: id, index, kept columns, then text + meta_info (and a
+    program's variables), or `error` (the message, or why the request was aborted)."""
+    data = row.data or {}
+    record = {"id": row.id, "index": row.index, **{c: data.get(c)
+                                                   for c in job.output.keep_columns}}
+    if isinstance(result, GenerateOutput):
+        meta = result.meta_info
+        if meta.finish_reason is None or meta.finish_reason.kind != "abort":
+            variables = ({"variables": result.variables} if isinstance(result, ProgramOutput)
+                         else {})
+            return {**record, "text": result.text, **variables, "meta_info": meta.to_json()}
+        result = f"aborted: {meta.finish_reason.message}"
+    return {**record, "error": result}
+
+
+async def run_rows(job: JobSpec, engine: Any, rows: list[Row],
+                   emit: Callable[[Row, GenerateOutput | str], None]) -> None:
+    """Render `rows`, order them by prefix (`order: prefix`) and run them at most
+    `max_inflight` at a time; emit(row, output or error message) as each finishes."""
+    prepared = []
+    for row in rows:
+        try:
+            prepared.append(prepare_request(job, engine, row))
+        except RowError as e:
+            emit(row, str(e))
+    if job.order == "prefix":
+        prepared = order_by_prefix(prepared, lambda p: p.order_key)
+    inflight = asyncio.Semaphore(job.max_inflight)
+
+    async def one(p: Prepared) -> None:
+        async with inflight:
+            try:
+                [out] = await engine.run_async([p.request])
+            except (ValueError, EngineError) as e:  # a bad row, or a failed engine step
+                emit(p.row, str(e))
+                return
+        emit(p.row, out)
+
+    # Tasks are created in order and the semaphore is FIFO: requests reach the engine in
+    # prefix order.
+    await asyncio.gather(*(one(p) for p in prepared))
 
 
 class JobRunner:
@@ -67,12 +148,7 @@ class JobRunner:
         with JobProgress(self.console, self.job.name, total, self.stats) as progress:
             self._progress = progress
             try:
-                rows = iter_rows(self.job.input, self.shard)
-                while window := list(itertools.islice(rows, self.job.window)):
-                    todo = [r for r in window if r.id not in done]
-                    self.stats.skipped += len(window) - len(todo)
-                    progress.advance(len(window) - len(todo))
-                    asyncio.run(self._run_window(todo, writer))
+                self._run_rows(iter_rows(self.job.input, self.shard), done, writer)
             except BaseException:
                 writer.close()  # what finished is committed; a rerun resumes from there
                 raise
@@ -83,6 +159,18 @@ class JobRunner:
         self._record_replicas(before)
         logger.info("job %s finished: %s", self.job.name, self.stats.as_dict())
         return self.stats
+
+    def _run_rows(self, rows: Iterator[Row], done: set, writer: ResultWriter) -> None:
+        """Run every row whose id is not in `done`, adding its record to `writer`, window by
+        window (a subclass may run them elsewhere)."""
+        while window := list(itertools.islice(rows, self.job.window)):
+            asyncio.run(self._run_window(self._todo(window, done), writer))
+
+    def _todo(self, rows: list[Row], done: set) -> list[Row]:
+        todo = [r for r in rows if r.id not in done]
+        self.stats.skipped += len(rows) - len(todo)
+        self._progress.advance(len(rows) - len(todo))
+        return todo
 
     def _replica_stats(self) -> dict[int, EngineStats]:
         return self.engine.replica_stats() if isinstance(self.engine, EngineClient) else {}
@@ -100,94 +188,29 @@ class JobRunner:
                 "cached_tokens": now.cached_tokens - then.cached_tokens,
                 "output_tokens": now.generation_tokens - then.generation_tokens}
 
-    def _prepare(self, row: Row) -> _Prepared:
-        if row.error is not None:  # the reader could not read it
-            raise RowError(row.error)
-        sampling = render_sampling(self.job, row.data)
-        if isinstance(self.engine, ProgramEngine):
-            arguments = self.engine.arguments(row.data)
-            key = json.dumps(arguments, sort_keys=True, default=str)
-            return _Prepared(row, ProgramCall(arguments, sampling), tuple(key))
-        try:
-            params = SamplingParams.from_dict(sampling)
-        except ValueError as e:  # an unknown key in the row's sampling column
-            raise RowError(str(e)) from None
-        request = render_input(self.job, row)
-        if self.job.endpoint is not None:  # the server tokenizes
-            key = request if isinstance(request, str) else json.dumps(request)
-            kind = "prompt" if isinstance(request, str) else "messages"
-            return _Prepared(row, GenerateRequest(**{kind: request}, sampling_params=params),
-                             tuple(key))
-        tokenizer = self.engine.tokenizer
-        if isinstance(request, str):
-            input_ids = tokenizer.encode(request)
-        else:
-            try:
-                validate_messages(request)
-            except ValueError as e:
-                raise RowError(str(e)) from None
-            try:
-                input_ids = tokenizer.apply_chat_template(request)
-            except Exception as e:  # a template that rejects these messages
-                raise RowError(f"messages: the chat template rejected them: {e}") from e
-        return _Prepared(row, GenerateRequest(input_ids=input_ids, sampling_params=params),
-                         tuple(input_ids))
-
     async def _run_window(self, rows: list[Row], writer: ResultWriter) -> None:
-        prepared = []
-        for row in rows:
-            try:
-                prepared.append(self._prepare(row))
-            except RowError as e:
-                self._record_error(writer, row, str(e))
-        if self.job.order == "prefix":
-            prepared = order_by_prefix(prepared, lambda p: p.order_key)
-        inflight = asyncio.Semaphore(self.job.max_inflight)
-
-        async def one(p: _Prepared) -> None:
-            async with inflight:
-                try:
-                    [out] = await self.engine.run_async([p.request])
-                except (ValueError, EngineError) as e:  # a bad row, or a failed engine step
-                    self._record_error(writer, p.row, str(e))
-                    return
-            self._record_result(writer, p.row, out)
-
-        # Tasks are created in order and the semaphore is FIFO: requests reach the engine in
-        # prefix order.
         try:
-            await asyncio.gather(*(one(p) for p in prepared))
+            await run_rows(self.job, self.engine, rows, lambda row, result: self._add(
+                writer, make_record(self.job, row, result)))
         finally:
             if isinstance(self.engine, EndpointClient):  # its connections live in this loop
                 await self.engine.aclose()
 
-    def _kept_columns(self, row: Row) -> dict[str, Any]:
-        data = row.data or {}
-        return {c: data.get(c) for c in self.job.output.keep_columns}
-
-    def _record_result(self, writer: ResultWriter, row: Row, out: GenerateOutput) -> None:
-        meta = out.meta_info
-        if meta.finish_reason is not None and meta.finish_reason.kind == "abort":
-            self._record_error(writer, row, f"aborted: {meta.finish_reason.message}")
-            return
-        variables = {"variables": out.variables} if isinstance(out, ProgramOutput) else {}
-        writer.add({"id": row.id, "index": row.index, **self._kept_columns(row),
-                    "text": out.text, **variables, "meta_info": meta.to_json()})
+    def _add(self, writer: ResultWriter, record: dict[str, Any]) -> None:
+        writer.add(record)
         s = self.stats
         s.rows += 1
-        s.prompt_tokens += meta.prompt_tokens
-        s.output_tokens += meta.completion_tokens
-        s.cached_tokens += meta.cached_tokens
-        self._progress.advance()
-
-    def _record_error(self, writer: ResultWriter, row: Row, message: str) -> None:
-        logger.warning("row %r (index %d): %s", row.id, row.index, message)
-        writer.add({"id": row.id, "index": row.index, **self._kept_columns(row),
-                    "error": message})
-        self.stats.rows += 1
-        self.stats.errors += 1
+        error = record.get("error")
+        if error is None:
+            meta = record["meta_info"]
+            s.prompt_tokens += meta["prompt_tokens"]
+            s.output_tokens += meta["completion_tokens"]
+            s.cached_tokens += meta["cached_tokens"]
+        else:
+            logger.warning("row %r (index %d): %s", record["id"], record["index"], error)
+            s.errors += 1
         self._progress.advance()
         limit = self.job.max_errors
-        if limit is not None and self.stats.errors > limit:
-            raise TooManyErrors(f"job {self.job.name}: {self.stats.errors} errors exceed "
-                                f"max_errors={limit}; the last: {message}")
+        if error is not None and limit is not None and s.errors > limit:
+            raise TooManyErrors(f"job {self.job.name}: {s.errors} errors exceed "
+                                f"max_errors={limit}; the last: {error}")

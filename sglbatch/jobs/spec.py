@@ -8,8 +8,8 @@ offending key, its dotted path, what is wrong and how to fix it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import glob
+import importlib.util
 import os
 import re
 from collections.abc import Callable
@@ -19,17 +19,27 @@ from string import Formatter
 from types import CodeType
 from typing import Any
 
-import yaml
-
 from sglbatch.engine.sampling_params import SamplingParams
+from sglbatch.jobs.yaml_source import (
+    Source,
+    annotation_types,
+    check_keys,
+    check_type,
+    choice,
+    count,
+    dotted,
+    get,
+    number,
+    parse_yaml,
+    require,
+    show,
+)
 
 INPUT_FORMATS = ("jsonl", "parquet", "csv")
 OUTPUT_FORMATS = ("jsonl", "parquet")
+EXECUTORS = ("local", "ray")
+RAY_INSTALL = 'pip install "sglbatch[ray]"'  # the extra that executor: ray needs
 _FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
-
-
-class SpecError(ValueError):
-    """A job spec problem, located: `jobs.yaml:12: input.path: what is wrong (fix: how)`."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,17 @@ class OutputSpec:
     sort_output: bool = False  # the output in input order (else completion order)
 
 
+@dataclass(frozen=True)
+class RaySpec:
+    """`executor: ray`: the cluster, and the engine replicas (Ray actors) the rows run on."""
+
+    address: str | None = None  # None: ray.init()'s default (RAY_ADDRESS, else a local Ray)
+    replicas: int = 1  # actors, each owning one Engine(**model) (its dp/tp as the model says)
+    num_cpus_per_replica: float = 1
+    num_gpus_per_replica: float = 0
+    batch_size: int = 64  # rows per batch sent to a replica; each batch is committed whole
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """One job. Exactly one of prompt / messages / program makes the requests."""
@@ -81,6 +102,8 @@ class JobSpec:
     max_inflight: int = 256
     max_errors: int | None = None
     chunk_rows: int = 1000  # rows per committed output chunk
+    executor: str = "local"  # local: this process's engine; ray: replicas on a Ray cluster
+    ray: RaySpec = field(default_factory=RaySpec)
 
 
 def compile_filter(expr: str) -> CodeType:
@@ -97,37 +120,38 @@ _MESSAGE_KEYS = ("role", "content")
 _TEMPLATE_FIX = "name columns as {column}; write literal braces as {{ and }}"
 
 
-def load_jobs(path: str | Path) -> list[JobSpec]:
-    """Parse and validate a job file; relative paths in it are resolved from its directory."""
+def load_jobs(path: str | Path, executor: str | None = None) -> list[JobSpec]:
+    """Parse and validate a job file; relative paths in it are resolved from its directory.
+    `executor` (`sglbatch run --executor`) replaces every job's."""
     path = Path(path)
     file = str(path)
-    data, lines = _parse(path, file)
-    top = _Source(file, lines, (), None)
+    data, lines = parse_yaml(path, file)
+    top = Source(file, lines, (), None)
     base = path.parent.absolute()  # resolved paths stay right whatever the cwd is later
     if not isinstance(data, dict):
         raise top.error((), "expected a job (a mapping) or `jobs:` (a list of jobs)",
                         "write a job's fields (input, output, model or endpoint, prompt) "
                         "at the top level, or a `jobs:` list of them")
     if "jobs" not in data:
-        return [_job(top, data, base, path.stem)]
+        return [_job(top, data, base, path.stem, executor)]
 
     for key in data:
         if key in _keys(JobSpec):
             raise top.error((key,), "job fields go inside each entry of `jobs:`",
                             "move it into the jobs, or under `defaults:` to share it")
-    _check_keys(top, data, (), ("jobs", "defaults"))
-    entries = _require(top, data, ("jobs",), list, "[{input: ..., output: ...}]")
+    check_keys(top, data, (), ("jobs", "defaults"))
+    entries = require(top, data, ("jobs",), list, "[{input: ..., output: ...}]")
     if not entries:
         raise top.error(("jobs",), "the list is empty", "add at least one job")
-    defaults = _get(top, data, ("defaults",), dict) or {}
+    defaults = get(top, data, ("defaults",), dict) or {}
     first_job: dict[tuple[str, Any], int] = {}  # (field, value) -> the job that has it
     specs = []
     for i, entry in enumerate(entries):
-        src = _Source(file, lines, ("jobs", i), ("defaults",) if defaults else None)
+        src = Source(file, lines, ("jobs", i), ("defaults",) if defaults else None)
         if not isinstance(entry, dict):
-            raise src.error((), f"expected a job (a mapping), got {_show(entry)}",
+            raise src.error((), f"expected a job (a mapping), got {show(entry)}",
                             "write each job as a mapping of its fields")
-        spec = _job(src, _deep_merge(defaults, entry), base, f"{path.stem}-{i}")
+        spec = _job(src, _deep_merge(defaults, entry), base, f"{path.stem}-{i}", executor)
         for what, key in (("name", spec.name), ("output.path", spec.output.path)):
             if (what, key) in first_job:
                 raise src.error(tuple(what.split(".")), f"{key} is also the {what} of "
@@ -137,69 +161,9 @@ def load_jobs(path: str | Path) -> list[JobSpec]:
     return specs
 
 
-@dataclass(frozen=True)
-class _Source:
-    """Where one job's values were written, to point an error at the right line."""
-
-    file: str
-    lines: dict[tuple, int]  # key path in the document -> 1-based line of the key
-    job: tuple  # the job's own path: () for a single-job file, ("jobs", i) otherwise
-    defaults: tuple | None  # ("defaults",) when the file has defaults merged under jobs
-
-    def error(self, key: tuple, what: str, fix: str) -> SpecError:
-        # The deepest written part of the key: a missing field points at its parent.
-        origins = [o for o in (self.job, self.defaults) if o is not None]
-        line, origin = next((self.lines[o + key[:n]], o) for n in range(len(key), -1, -1)
-                            for o in origins if o + key[:n] in self.lines)
-        return SpecError(f"{self.file}:{line}: {_dotted(origin + key)}: {what} (fix: {fix})")
-
-
-def _parse(path: Path, file: str) -> tuple[Any, dict[tuple, int]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"{file}: cannot read the job file: {e} (fix: check the path)") from e
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or e
-        raise SpecError(f"{file}{where}: not valid YAML: {problem} "
-                        "(fix: check the indentation and quoting there)") from e
-    finally:
-        loader.dispose()
-    lines: dict[tuple, int] = {(): node.start_mark.line + 1 if node is not None else 1}
-    if node is not None:
-        _index_lines(node, (), lines, file)
-    return data, lines
-
-
-def _index_lines(node: yaml.Node, path: tuple, lines: dict[tuple, int], file: str) -> None:
-    """Record the line of every key and list item; refuse duplicate keys (YAML keeps the last)."""
-    if isinstance(node, yaml.MappingNode):
-        written: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            key, line = key_node.value, key_node.start_mark.line + 1
-            # The loader flattens `<<: *anchor` merges into node.value; those keys were written
-            # elsewhere, and this mapping may override them.
-            if node.start_mark.index <= key_node.start_mark.index < node.end_mark.index:
-                if key in written:
-                    raise SpecError(f"{file}:{line}: {_dotted(path + (key,))}: duplicate key, "
-                                    f"first at line {written[key]} (fix: keep one of them)")
-                written[key] = line
-            lines[path + (key,)] = line
-            _index_lines(value_node, path + (key,), lines, file)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[path + (i,)] = item.start_mark.line + 1
-            _index_lines(item, path + (i,), lines, file)
-
-
-def _job(src: _Source, raw: dict, base: Path, default_name: str) -> JobSpec:
-    _check_keys(src, raw, (), _keys(JobSpec))
+def _job(src: Source, raw: dict, base: Path, default_name: str,
+         executor: str | None) -> JobSpec:
+    check_keys(src, raw, (), _keys(JobSpec))
     model, endpoint = _model(src, raw, base), _endpoint(src, raw)
     if (model is None) == (endpoint is None):
         both = model is not None
@@ -214,8 +178,11 @@ def _job(src: _Source, raw: dict, base: Path, default_name: str) -> JobSpec:
                         f"{' and '.join(makers)} are both set" if makers else
                         "no prompt, messages or program", "set exactly one of prompt, "
                         "messages or program")
+    executor = executor or choice(src, raw, ("executor",), EXECUTORS) or "local"
+    if executor == "ray":
+        _check_ray_job(src, raw)
     return JobSpec(
-        name=_get(src, raw, ("name",), str) or default_name,
+        name=get(src, raw, ("name",), str) or default_name,
         model=model,
         endpoint=endpoint,
         input=_input(src, raw, base),
@@ -224,13 +191,44 @@ def _job(src: _Source, raw: dict, base: Path, default_name: str) -> JobSpec:
         program=_program(src, raw, base),
         sampling=_dataclass_kwargs(src, raw, ("sampling",), SamplingParams,
                                    _verify_job_sampling) or {},
-        sampling_column=_get(src, raw, ("sampling_column",), str),
+        sampling_column=get(src, raw, ("sampling_column",), str),
         output=_output(src, raw, base),
-        order=_choice(src, raw, ("order",), ("prefix", "input")) or "prefix",
-        window=_count(src, raw, ("window",), 1) or 10000,
-        max_inflight=_count(src, raw, ("max_inflight",), 1) or 256,
-        max_errors=_count(src, raw, ("max_errors",), 0),
-        chunk_rows=_count(src, raw, ("chunk_rows",), 1) or 1000,
+        order=choice(src, raw, ("order",), ("prefix", "input")) or "prefix",
+        window=count(src, raw, ("window",), 1) or 10000,
+        max_inflight=count(src, raw, ("max_inflight",), 1) or 256,
+        max_errors=count(src, raw, ("max_errors",), 0),
+        chunk_rows=count(src, raw, ("chunk_rows",), 1) or 1000,
+        executor=executor,
+        ray=_ray(src, raw),
+    )
+
+
+def _check_ray_job(src: Source, raw: dict) -> None:
+    if raw.get("endpoint") is not None:
+        raise src.error(("executor",), "ray runs in-process engines, not an endpoint",
+                        "use `model:` with executor: ray, or executor: local for an endpoint")
+    if raw.get("program") is not None:
+        raise src.error(("executor",), "ray runs prompt and messages jobs only",
+                        "use executor: local for a program job")
+    if importlib.util.find_spec("ray") is None:
+        raise src.error(("executor",), "Ray is not installed",
+                        RAY_INSTALL)
+
+
+def _ray(src: Source, raw: dict) -> RaySpec:
+    value = get(src, raw, ("ray",), dict)
+    if value is None:
+        return RaySpec()
+    check_keys(src, value, ("ray",), _keys(RaySpec))
+    default = RaySpec()
+    cpus = number(src, value, ("ray", "num_cpus_per_replica"))
+    gpus = number(src, value, ("ray", "num_gpus_per_replica"))
+    return RaySpec(
+        address=get(src, value, ("ray", "address"), str),
+        replicas=count(src, value, ("ray", "replicas"), 1) or default.replicas,
+        num_cpus_per_replica=default.num_cpus_per_replica if cpus is None else cpus,
+        num_gpus_per_replica=default.num_gpus_per_replica if gpus is None else gpus,
+        batch_size=count(src, value, ("ray", "batch_size"), 1) or default.batch_size,
     )
 
 
@@ -239,41 +237,41 @@ def _under(base: Path, value: str) -> Path:
     return Path(os.path.normpath(base / Path(value).expanduser()))
 
 
-def _model(src: _Source, raw: dict, base: Path) -> dict[str, Any] | None:
+def _model(src: Source, raw: dict, base: Path) -> dict[str, Any] | None:
     if raw.get("model") is None:
         return None
     # EngineConfig imports torch: only a spec with a model section pays for it.
     from sglbatch.engine.config import EngineConfig
 
     model = _dataclass_kwargs(src, raw, ("model",), EngineConfig, lambda kw: EngineConfig(**kw))
-    model_path = _require(src, model, ("model", "model_path"), str, "smollm2-135m-instruct")
+    model_path = require(src, model, ("model", "model_path"), str, "smollm2-135m-instruct")
     local = _under(base, model_path)
     if local.exists():  # a directory or .gguf next to the job file; else an alias or cwd path
         model["model_path"] = str(local)
     return model
 
 
-def _endpoint(src: _Source, raw: dict) -> EndpointSpec | None:
-    value = _get(src, raw, ("endpoint",), dict)
+def _endpoint(src: Source, raw: dict) -> EndpointSpec | None:
+    value = get(src, raw, ("endpoint",), dict)
     if value is None:
         return None
-    _check_keys(src, value, ("endpoint",), _keys(EndpointSpec))
-    url = _require(src, value, ("endpoint", "url"), str, "http://localhost:30000")
+    check_keys(src, value, ("endpoint",), _keys(EndpointSpec))
+    url = require(src, value, ("endpoint", "url"), str, "http://localhost:30000")
     if not url.startswith(("http://", "https://")):
         raise src.error(("endpoint", "url"), f"{url!r} is not an http(s) URL",
                         "write the full URL, e.g. http://localhost:30000")
     return EndpointSpec(
         url=url,
-        api=_choice(src, value, ("endpoint", "api"), ("openai", "native")) or "openai",
-        api_key_env=_get(src, value, ("endpoint", "api_key_env"), str),
-        model=_get(src, value, ("endpoint", "model"), str),
+        api=choice(src, value, ("endpoint", "api"), ("openai", "native")) or "openai",
+        api_key_env=get(src, value, ("endpoint", "api_key_env"), str),
+        model=get(src, value, ("endpoint", "model"), str),
     )
 
 
-def _input(src: _Source, raw: dict, base: Path) -> InputSpec:
-    value = _require(src, raw, ("input",), dict, "{path: data.jsonl}")
-    _check_keys(src, value, ("input",), _INPUT_KEYS)
-    pattern = _require(src, value, ("input", "path"), str, "data/*.jsonl")
+def _input(src: Source, raw: dict, base: Path) -> InputSpec:
+    value = require(src, raw, ("input",), dict, "{path: data.jsonl}")
+    check_keys(src, value, ("input",), _INPUT_KEYS)
+    pattern = require(src, value, ("input", "path"), str, "data/*.jsonl")
     full = _under(base, pattern)
     # A literal name may hold glob characters ([...]); only a missing file is globbed.
     paths = [full] if full.is_file() else sorted(
@@ -282,7 +280,7 @@ def _input(src: _Source, raw: dict, base: Path) -> InputSpec:
         raise src.error(("input", "path"), f"no file matches {pattern!r}",
                         f"check the path; relative paths start from the job file's directory "
                         f"({base})")
-    expr = _get(src, value, ("input", "filter"), str)
+    expr = get(src, value, ("input", "filter"), str)
     if expr is not None:
         try:
             compile_filter(expr)
@@ -293,34 +291,34 @@ def _input(src: _Source, raw: dict, base: Path) -> InputSpec:
     return InputSpec(
         paths=paths,
         format=_format(src, value, ("input",), paths, INPUT_FORMATS),
-        id_column=_get(src, value, ("input", "id_column"), str),
-        limit=_count(src, value, ("input", "limit"), 1),
+        id_column=get(src, value, ("input", "id_column"), str),
+        limit=count(src, value, ("input", "limit"), 1),
         filter=expr,
     )
 
 
-def _output(src: _Source, raw: dict, base: Path) -> OutputSpec:
-    value = _require(src, raw, ("output",), dict, "{path: results.jsonl}")
-    _check_keys(src, value, ("output",), _keys(OutputSpec))
-    path = _under(base, _require(src, value, ("output", "path"), str, "results.jsonl"))
-    keep = _get(src, value, ("output", "keep_columns"), list) or []
+def _output(src: Source, raw: dict, base: Path) -> OutputSpec:
+    value = require(src, raw, ("output",), dict, "{path: results.jsonl}")
+    check_keys(src, value, ("output",), _keys(OutputSpec))
+    path = _under(base, require(src, value, ("output", "path"), str, "results.jsonl"))
+    keep = get(src, value, ("output", "keep_columns"), list) or []
     for i, column in enumerate(keep):
         if not isinstance(column, str):
             raise src.error(("output", "keep_columns", i), f"expected a column name, got "
-                            f"{_show(column)}", "list column names, e.g. [id, question]")
+                            f"{show(column)}", "list column names, e.g. [id, question]")
     return OutputSpec(
         path=path,
         format=_format(src, value, ("output",), [path], OUTPUT_FORMATS),
         keep_columns=keep,
-        mode=_choice(src, value, ("output", "mode"), ("resume", "overwrite")) or "resume",
-        sort_output=_get(src, value, ("output", "sort_output"), bool) or False,
+        mode=choice(src, value, ("output", "mode"), ("resume", "overwrite")) or "resume",
+        sort_output=get(src, value, ("output", "sort_output"), bool) or False,
     )
 
 
-def _format(src: _Source, value: dict, path: tuple, paths: list[Path],
+def _format(src: Source, value: dict, path: tuple, paths: list[Path],
             allowed: tuple[str, ...]) -> str:
     """The `format` field, else the one format the files' extensions say."""
-    given = _choice(src, value, path + ("format",), allowed)
+    given = choice(src, value, path + ("format",), allowed)
     if given is not None:
         return given
     formats = {format_from_suffix(p) for p in paths}
@@ -330,12 +328,12 @@ def _format(src: _Source, value: dict, path: tuple, paths: list[Path],
     what = (f"files of different formats ({', '.join(suffixes)})" if len(formats) > 1
             else f"the extension {suffixes[0]} is not one of "
             + ", ".join(s for s, f in _FORMAT_BY_SUFFIX.items() if f in allowed))
-    raise src.error(path + ("path",), what, f"set {_dotted(path + ('format',))} to one of "
+    raise src.error(path + ("path",), what, f"set {dotted(path + ('format',))} to one of "
                     f"{', '.join(allowed)}")
 
 
-def _template(src: _Source, raw: dict, path: tuple) -> str | None:
-    text = _get(src, raw, path, str)
+def _template(src: Source, raw: dict, path: tuple) -> str | None:
+    text = get(src, raw, path, str)
     if text is None:
         return None
     try:
@@ -349,8 +347,8 @@ def _template(src: _Source, raw: dict, path: tuple) -> str | None:
     return text
 
 
-def _messages(src: _Source, raw: dict) -> str | list[dict[str, str]] | None:
-    value = _get(src, raw, ("messages",), (str, list))
+def _messages(src: Source, raw: dict) -> str | list[dict[str, str]] | None:
+    value = get(src, raw, ("messages",), (str, list))
     if not isinstance(value, list):
         return value  # None, or the column holding each row's messages
     if not value:
@@ -359,17 +357,17 @@ def _messages(src: _Source, raw: dict) -> str | list[dict[str, str]] | None:
     for i, message in enumerate(value):
         path = ("messages", i)
         if not isinstance(message, dict):
-            raise src.error(path, f"expected {{role, content}}, got {_show(message)}",
+            raise src.error(path, f"expected {{role, content}}, got {show(message)}",
                             "write each message as {role: user, content: '...'}")
-        _check_keys(src, message, path, _MESSAGE_KEYS)
-        _require(src, message, path + ("role",), str, "user")
-        _require(src, message, path + ("content",), str, "'Q: {question}'")
+        check_keys(src, message, path, _MESSAGE_KEYS)
+        require(src, message, path + ("role",), str, "user")
+        require(src, message, path + ("content",), str, "'Q: {question}'")
         _template(src, message, path + ("content",))
     return value
 
 
-def _program(src: _Source, raw: dict, base: Path) -> str | None:
-    text = _get(src, raw, ("program",), str)
+def _program(src: Source, raw: dict, base: Path) -> str | None:
+    text = get(src, raw, ("program",), str)
     if text is None:
         return None
     module, _, name = text.rpartition(":")
@@ -383,18 +381,18 @@ def _program(src: _Source, raw: dict, base: Path) -> str | None:
     return f"{file}:{name}"
 
 
-def _dataclass_kwargs(src: _Source, raw: dict, path: tuple, cls: type,
+def _dataclass_kwargs(src: Source, raw: dict, path: tuple, cls: type,
                       check: Callable[[dict], Any]) -> dict[str, Any] | None:
     """A mapping of `cls` field names, each value of the field's type, passing `check`
     together (fields may constrain each other, e.g. min_new_tokens <= max_new_tokens)."""
-    value = _get(src, raw, path, dict)
+    value = get(src, raw, path, dict)
     if value is None:
         return None
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(src, value, path, fields)
+    check_keys(src, value, path, fields)
     for key, item in value.items():
         annotation = str(fields[key].type)
-        _check_type(src, path + (key,), item, _annotation_types(annotation), annotation)
+        check_type(src, path + (key,), item, annotation_types(annotation), annotation)
     try:
         check(dict(value))
     except (TypeError, ValueError) as e:
@@ -402,7 +400,7 @@ def _dataclass_kwargs(src: _Source, raw: dict, path: tuple, cls: type,
         # Messages start with the field at fault; name it, else the whole mapping.
         at_fault = next((k for k in value if re.match(rf"{re.escape(k)}\b", message)), None)
         where = path + (at_fault,) if at_fault else path
-        raise src.error(where, message, f"change or remove {_dotted(where)}") from None
+        raise src.error(where, message, f"change or remove {dotted(where)}") from None
     return dict(value)
 
 
@@ -414,84 +412,6 @@ def _verify_job_sampling(kwargs: dict[str, Any]) -> None:
     SamplingParams(**kwargs).verify()
     if kwargs.get("n", 1) != 1:
         raise ValueError(f"sampling_params.n: {JOB_N_MESSAGE}")
-
-
-def _annotation_types(annotation: str) -> tuple[type, ...]:
-    """Loose runtime types for a field annotation such as 'str | list[str] | None'."""
-    by_name = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
-               "list": (list,), "dict": (dict,), "None": (type(None),)}
-    types: tuple[type, ...] = ()
-    for part in annotation.split("|"):
-        types += by_name.get(part.strip().split("[")[0], (object,))
-    return types
-
-
-def _check_keys(src: _Source, value: dict, path: tuple, valid) -> None:
-    for key in value:
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), list(valid), n=1)
-            raise src.error(path + (key,), f"unknown key {key!r}",
-                            f"did you mean {close[0]!r}?" if close else
-                            f"valid keys: {', '.join(sorted(valid))}")
-
-
-def _get(src: _Source, value: dict, path: tuple, types) -> Any:
-    """value[key], type-checked; None when absent (null means absent, to undo a default)."""
-    item = value.get(path[-1])
-    if item is not None:
-        _check_type(src, path, item, types if isinstance(types, tuple) else (types,), None)
-    return item
-
-
-def _require(src: _Source, value: dict, path: tuple, types, example: str) -> Any:
-    item = _get(src, value, path, types)
-    if item is None:
-        under = f" under `{_dotted(path[:-1])}`" if path[:-1] else ""
-        raise src.error(path, "missing required field", f"add `{path[-1]}: {example}`{under}")
-    return item
-
-
-def _choice(src: _Source, value: dict, path: tuple, allowed: tuple[str, ...]) -> str | None:
-    item = _get(src, value, path, str)
-    if item is not None and item not in allowed:
-        close = difflib.get_close_matches(item, allowed, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise src.error(path, f"{item!r} is not one of {', '.join(allowed)}",
-                        f"{hint}use one of {', '.join(allowed)}")
-    return item
-
-
-def _count(src: _Source, value: dict, path: tuple, minimum: int) -> int | None:
-    item = _get(src, value, path, int)
-    if item is not None and item < minimum:
-        raise src.error(path, f"must be >= {minimum}, got {item}",
-                        f"use an integer >= {minimum}")
-    return item
-
-
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-               list: "a list", dict: "a mapping", type(None): "null"}
-
-
-def _check_type(src: _Source, path: tuple, item: Any, types: tuple[type, ...],
-                expected: str | None) -> None:
-    # bool is an int subclass, but `window: true` is a mistake, not 1.
-    if isinstance(item, types) and not (isinstance(item, bool) and bool not in types):
-        return
-    expected = expected or " or ".join(_TYPE_NAMES[t] for t in types)
-    raise src.error(path, f"expected {expected}, got {_show(item)}", f"write {expected}")
-
-
-def _show(item: Any) -> str:
-    text = repr(item)
-    return f"{text[:60]}... ({type(item).__name__})" if len(text) > 60 else text
-
-
-def _dotted(path: tuple) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
-    return out or "(top level)"
 
 
 def _keys(cls: type) -> tuple[str, ...]:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sglbatch.jobs.spec import EndpointSpec, SpecError, load_jobs
+from sglbatch.jobs.spec import EndpointSpec, load_jobs
+from sglbatch.jobs.yaml_source import SpecError
 
 BASE = """\
 model:
