@@ -16,6 +16,30 @@ from typing import Any
 import numpy as np
 
 
+def compute_normalized_prompt_logprobs(input_logprobs: list) -> float:
+    """The mean of the known (non-None, non-zero) logprobs, as SGLang computes it."""
+    values = [x[0] for x in input_logprobs if x[0]]
+    return sum(values) / len(values) if values else 0.0
+
+
+def score_choices(prefix: str, input_token_logprobs: list[list[Any]]
+                  ) -> tuple[list[list[Any]], list[float]]:
+    """Each choice's input token logprobs (scored from one token before the choice, room for
+    token healing) and their mean; where no healing happened (the prefix's last token
+    survived the choice's tokenization unchanged) the extra leading token is dropped from
+    both, as SGLang does. Shared by every backend that scores choices by logprobs."""
+    kept, normalized = [], []
+    for lps in input_token_logprobs:
+        mean = compute_normalized_prompt_logprobs(lps)
+        healed_token_str = lps[0][-1]
+        if len(lps) > 1 and healed_token_str and prefix.endswith(healed_token_str):
+            mean = (mean * len(lps) - (lps[0][0] or 0.0)) / (len(lps) - 1)
+            lps = lps[1:]
+        kept.append(lps)
+        normalized.append(mean)
+    return kept, normalized
+
+
 @dataclass
 class ChoicesDecision:
     decision: str

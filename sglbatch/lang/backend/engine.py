@@ -18,16 +18,16 @@ from sglbatch.engine.api_types import GenerateOutput, GenerateRequest
 from sglbatch.engine.sampling_params import SamplingParams
 from sglbatch.lang.backend.base_backend import BaseBackend
 from sglbatch.lang.chat_template import get_chat_template, get_chat_template_for_tokenizer
-from sglbatch.lang.choices import ChoicesDecision, ChoicesSamplingMethod, token_length_normalized
+from sglbatch.lang.choices import (
+    ChoicesDecision,
+    ChoicesSamplingMethod,
+    compute_normalized_prompt_logprobs,
+    score_choices,
+    token_length_normalized,
+)
 from sglbatch.lang.ir import SglSamplingParams, handle_dtype_to_regex
 
 _attach_lock = threading.Lock()
-
-
-def compute_normalized_prompt_logprobs(input_logprobs) -> float:
-    """The mean of the entries' logprobs, skipping None (as SGLang)."""
-    values = [x[0] for x in input_logprobs if x[0]]
-    return sum(values) / len(values) if values else 0.0
 
 
 class EngineBackend(BaseBackend):
@@ -151,19 +151,8 @@ class EngineBackend(BaseBackend):
             for c in choices])
         input_token_logprobs = [o.meta_info.logprobs["input_token_logprobs"] for o in outs]
         output_token_logprobs = [o.meta_info.logprobs["output_token_logprobs"] for o in outs]
-        normalized_prompt_logprobs = [
-            compute_normalized_prompt_logprobs(lps) for lps in input_token_logprobs
-        ]
-
-        # As SGLang: drop the extra leading token when no token healing happened.
-        for i, lps in enumerate(input_token_logprobs):
-            healed_token_str = lps[0][-1]
-            if len(lps) > 1 and healed_token_str and s.text_.endswith(healed_token_str):
-                healed_logprob = lps[0][0] or 0.0
-                normalized_prompt_logprobs[i] = (
-                    normalized_prompt_logprobs[i] * len(lps) - healed_logprob
-                ) / (len(lps) - 1)
-                input_token_logprobs[i] = lps[1:]
+        input_token_logprobs, normalized_prompt_logprobs = score_choices(
+            s.text_, input_token_logprobs)
 
         unconditional_token_logprobs = None
         if choices_method.requires_unconditional_logprobs:

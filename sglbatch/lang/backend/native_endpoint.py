@@ -21,7 +21,13 @@ import httpx
 
 from sglbatch.lang.backend.base_backend import BaseBackend
 from sglbatch.lang.chat_template import get_chat_template, get_chat_template_by_model_path
-from sglbatch.lang.choices import ChoicesDecision, ChoicesSamplingMethod
+from sglbatch.lang.choices import (
+    ChoicesDecision,
+    ChoicesSamplingMethod,
+    compute_normalized_prompt_logprobs,
+    score_choices,
+    token_length_normalized,
+)
 from sglbatch.lang.ir import SglSamplingParams, handle_dtype_to_regex
 
 __all__ = ["RuntimeEndpoint", "compute_normalized_prompt_logprobs"]
@@ -193,10 +199,7 @@ class RuntimeEndpoint(BaseBackend):
         choices_method: ChoicesSamplingMethod | None = None,
     ) -> ChoicesDecision:
         assert temperature <= 1e-5, "select scores the choices: temperature must be 0"
-        if choices_method is None:
-            from sglbatch.lang.choices import token_length_normalized
-
-            choices_method = token_length_normalized
+        choices_method = choices_method or token_length_normalized
 
         # Prefill (and cache) the common prefix; learn its length in tokens.
         obj = self._generate_http_request(
@@ -214,20 +217,8 @@ class RuntimeEndpoint(BaseBackend):
         })
         input_token_logprobs = [r["meta_info"]["input_token_logprobs"] for r in obj]
         output_token_logprobs = [r["meta_info"]["output_token_logprobs"] for r in obj]
-        normalized_prompt_logprobs = [
-            compute_normalized_prompt_logprobs(lps) for lps in input_token_logprobs]
-
-        # Drop the extra leading token where no token healing happened (the prefix's
-        # last token survived the choice's tokenization unchanged).
-        for i in range(len(input_token_logprobs)):
-            healed_token_str = input_token_logprobs[i][0][-1]
-            if (len(input_token_logprobs[i]) > 1 and healed_token_str
-                    and s.text_.endswith(healed_token_str)):
-                healed_token_logprob = input_token_logprobs[i][0][0] or 0.0
-                n = len(input_token_logprobs[i])
-                normalized_prompt_logprobs[i] = (
-                    (normalized_prompt_logprobs[i] * n - healed_token_logprob) / (n - 1))
-                input_token_logprobs[i] = input_token_logprobs[i][1:]
+        input_token_logprobs, normalized_prompt_logprobs = score_choices(
+            s.text_, input_token_logprobs)
 
         if choices_method.requires_unconditional_logprobs:
             # The choices' tokens on their own. SGLang's RuntimeEndpoint leaves out
@@ -253,10 +244,3 @@ class RuntimeEndpoint(BaseBackend):
             output_token_logprobs=output_token_logprobs,
             unconditional_token_logprobs=unconditional_token_logprobs,
         )
-
-
-def compute_normalized_prompt_logprobs(input_logprobs: list) -> float:
-    """The mean of the known (non-None, non-zero) logprobs, as SGLang computes it."""
-    values = [x[0] for x in input_logprobs if x[0]]
-    return sum(values) / len(values) if values else 0.0
-
