@@ -82,9 +82,14 @@ class _Replica:
         self.in_flight = 0  # outputs not finished yet (the router's load)
         self.info: EngineInfo | None = None
 
-    def send(self, message: tuple) -> None:
+    def send(self, message: tuple) -> bool:
+        """False when the replica's end of the pipe is gone (its reader notices the death)."""
         with self.send_lock:
-            self.conn.send(message)
+            try:
+                self.conn.send(message)
+            except OSError:  # BrokenPipeError, a closed connection
+                return False
+        return True
 
 
 class DataParallelEngine(EngineClient):
@@ -210,19 +215,14 @@ class DataParallelEngine(EngineClient):
 
     def _send_or_fail(self, part: _Part, message: tuple) -> None:
         replica = self._replicas[part.replica]
-        try:
-            replica.send(message)
-        except (BrokenPipeError, EOFError, OSError):
+        if not replica.send(message):
             self._replica_died(replica)
 
     def _abort(self, parts: list[_Part]) -> None:
         for part in parts:
             replica = self._replicas[part.replica]
             if replica.alive:
-                try:
-                    replica.send(("abort", part.call))
-                except (BrokenPipeError, OSError):
-                    pass
+                replica.send(("abort", part.call))
 
     def abort(self, rid: str) -> None:
         self._broadcast(("abort_rid", rid))
@@ -305,7 +305,8 @@ class DataParallelEngine(EngineClient):
             if not replica.alive:
                 raise EngineError(f"data-parallel replica {replica.rank} has died")
             self._replies[reply_id] = (replica.rank, answer)
-        replica.send(("call", reply_id, method, args))
+        if not replica.send(("call", reply_id, method, args)):
+            self._replica_died(replica)  # answers this call's reply with the error
         ok, value = answer.get()
         if not ok:
             raise value
@@ -317,10 +318,7 @@ class DataParallelEngine(EngineClient):
     def _broadcast(self, message: tuple) -> None:
         for replica in self._replicas:
             if replica.alive:
-                try:
-                    replica.send(message)
-                except (BrokenPipeError, OSError):
-                    pass
+                replica.send(message)
 
     def flush_cache(self) -> bool:
         return all(self._call_all("flush_cache"))
@@ -365,10 +363,7 @@ class DataParallelEngine(EngineClient):
 
 def _stop(replica: _Replica) -> None:
     """Ask the replica to stop; kill it if it has not within STOP_TIMEOUT_S."""
-    try:
-        replica.send(("stop",))
-    except (BrokenPipeError, OSError):
-        pass
+    replica.send(("stop",))
     replica.process.join(STOP_TIMEOUT_S)
     if replica.process.is_alive():
         replica.process.kill()
