@@ -154,13 +154,11 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# Architectures the engine runs, by the name in config.json's "architectures".
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
-
 @dataclass(frozen=True)
 class ModelConfig:
-    """The subset of a Hugging Face config.json the model code needs."""
+    """The fields of a Hugging Face config.json that every family reads, plus the whole file
+    (`hf`) for what only one family reads (Gemma's soft-caps, an MoE's expert counts).
+    Which architectures run is the model registry's business (engine/models)."""
 
     architecture: str
     vocab_size: int
@@ -177,6 +175,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     eos_token_ids: tuple[int, ...]
+    hf: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> ModelConfig:
@@ -186,11 +185,16 @@ class ModelConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot read the model config: {e}") from e
         archs = cfg.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise ValueError(
-                f"{path}: architecture {archs or cfg.get('model_type')} is not supported; "
-                f"supported: {list(SUPPORTED_ARCHITECTURES)}")
+        if not archs:
+            raise ValueError(f"{path}: no \"architectures\" entry; sglbatch picks the model "
+                             "class by it (e.g. [\"LlamaForCausalLM\"])")
+        try:
+            return cls._from_dict(cfg, archs[0], model_dir)
+        except KeyError as e:
+            raise ValueError(f"{path}: {archs[0]} config lacks the field {e}") from e
+
+    @classmethod
+    def _from_dict(cls, cfg: dict[str, Any], arch: str, model_dir: Path) -> ModelConfig:
         heads = cfg["num_attention_heads"]
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
         return cls(
@@ -209,6 +213,7 @@ class ModelConfig:
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),
             eos_token_ids=_eos_ids(model_dir, cfg),
+            hf=cfg,
         )
 
 

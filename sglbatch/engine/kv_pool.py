@@ -30,6 +30,10 @@ class KVPool:
             buf[:, 0].zero_()
         self.free_all()
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.k_buffers)
+
     def free_all(self) -> None:
         # The free list lives on the host: allocation is bookkeeping, not device work.
         self._free = torch.arange(1, self.num_slots + 1, dtype=torch.int64, device="cpu")

@@ -90,7 +90,7 @@ class ModelRunner:
             radix_cache=not config.disable_radix_cache and rank == 0)
         self.attn_backend = create_attention_backend(
             config.attention_backend, config.device, self.kv_pool, self.shard.num_q_heads,
-            self.shard.num_kv_heads, mc.head_dim)
+            self.shard.num_kv_heads, mc.head_dim, self.model.attention_layers())
         self.cuda_graph = self._capture_cuda_graphs()
         logger.info("model %s: %s, %d layers, dtype %s; KV pool %d tokens (%.2f GiB)%s",
                     model_dir.name, mc.architecture, mc.num_hidden_layers, self.dtype,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 
 from sglbatch.engine.attention import cpu_kernels
-from sglbatch.engine.attention.base import AttentionBackend
+from sglbatch.engine.attention.base import AttentionBackend, LayerAttention
 from sglbatch.engine.kv_pool import KVPool
 
 SUPPORTED_BACKENDS = ("cpu", "torch", "triton", "flashinfer")
@@ -33,9 +34,10 @@ def resolve_backend_name(name: str, device: str, dtype: torch.dtype | None = Non
 
 
 def create_attention_backend(name: str, device: str, kv_pool: KVPool, num_heads: int,
-                             num_kv_heads: int, head_dim: int) -> AttentionBackend:
+                             num_kv_heads: int, head_dim: int,
+                             layers: Sequence[LayerAttention] | None = None) -> AttentionBackend:
     name = resolve_backend_name(name, device, kv_pool.k_buffers[0].dtype)
-    args = (kv_pool, num_heads, num_kv_heads, head_dim)
+    args = (kv_pool, num_heads, num_kv_heads, head_dim, layers)
     if name == "cpu":
         from sglbatch.engine.attention.cpu import CpuBackend
 

@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from sglbatch.engine.batch import ForwardBatch
 from sglbatch.engine.kv_pool import KVPool
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """What one layer's attention differs in (Gemma's and Mistral's layers differ).
+
+    `sliding_window` follows config.json: a query at position i sees keys at positions
+    i - sliding_window + 1 .. i (itself included); None is full causal attention.
+    `logit_softcap` s maps each score x (after `scale`) to s * tanh(x / s) (Gemma 2)."""
+
+    scale: float
+    sliding_window: int | None = None
+    logit_softcap: float | None = None
 
 
 class AttentionBackend(ABC):
@@ -22,12 +37,16 @@ class AttentionBackend(ABC):
     # Whether decode can be captured in a CUDA graph: see `init_forward_metadata_graph`.
     supports_cuda_graph = False
 
-    def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
+                 layers: Sequence[LayerAttention] | None = None):
         self.kv_pool = kv_pool
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
+        # One entry per layer (`layer_id` indexes it); plain scaled causal attention by default.
+        self.layers = tuple(layers) if layers is not None else \
+            (LayerAttention(self.scale),) * kv_pool.num_layers
 
     @abstractmethod
     def init_forward_metadata(self, fb: ForwardBatch) -> None: ...

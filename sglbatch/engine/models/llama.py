@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sglbatch.engine.attention.base import AttentionBackend
+from sglbatch.engine.attention.base import AttentionBackend, LayerAttention
 from sglbatch.engine.batch import ForwardBatch
 from sglbatch.engine.config import ModelConfig
 from sglbatch.engine.layers.activation import silu_and_mul
@@ -122,6 +122,10 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def attention_layers(self) -> list[LayerAttention]:
+        """Each layer's attention (scale, window, soft-cap), for the attention backend."""
+        return [LayerAttention(self.config.head_dim ** -0.5)] * self.config.num_hidden_layers
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
                 attn: AttentionBackend) -> torch.Tensor:
         """Returns final hidden states [tokens, hidden] (normed); see `compute_logits`."""
@@ -148,3 +152,9 @@ class LlamaForCausalLM(nn.Module):
             if self.group is None:
                 return logits
             return self.group.gather_vocab(logits, self.config.vocab_size)
+
+
+# Qwen2 is Llama plus a q/k/v bias, which ModelConfig.attention_bias carries; Mistral
+# (without sliding-window attention) is Llama with an explicit head_dim.
+ARCHITECTURES = {"LlamaForCausalLM": LlamaForCausalLM, "MistralForCausalLM": LlamaForCausalLM,
+                 "Qwen2ForCausalLM": LlamaForCausalLM}
