@@ -14,9 +14,11 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from sglbatch.engine.attention import create_attention_backend
+from sglbatch.engine.attention.base import LayerAttention
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
 from sglbatch.engine.kv_pool import KVPool
 from tests.device_follow import DeviceCheck, assert_all_named
+from tests.kernels.ragged import forward_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS, KV_HEADS, DIM = 6, 2, 64
@@ -94,6 +96,41 @@ def assert_backends_agree(names: tuple[str, str], dtype: torch.dtype, tol: float
 
 def test_triton_backend_matches_torch_backend():
     assert_backends_agree(("torch", "triton"), torch.float32, 1e-5)
+
+
+def test_triton_backend_applies_each_layers_attention():
+    """Layers differing in scale, sliding window and soft-cap, against the dense reference:
+    extend on cached prefixes, then decode with eager and with CUDA-graph metadata (which
+    fixes MAX_NUM_SPLITS, so a window's splits there start past many empty ones)."""
+    layers = (LayerAttention(0.3, sliding_window=20, logit_softcap=10.0), LayerAttention(0.2),
+              LayerAttention(0.25, sliding_window=150))
+    pool = KVPool(1200, len(layers), KV_HEADS, DIM, torch.float32, DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    for buf in (*pool.k_buffers, *pool.v_buffers):
+        buf[:, 1:] = torch.randn(buf[:, 1:].shape, generator=gen).to(DEVICE)
+    backend = create_attention_backend("triton", DEVICE, pool, HEADS, KV_HEADS, DIM, layers)
+    table = torch.zeros((5, 512), dtype=torch.int64, device=DEVICE)
+    prefix_lens, extend_lens, rows = [0, 130, 7, 300], [12, 40, 1, 33], [3, 0, 4, 1]
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    for row, n in zip(rows, seq_lens):
+        table[row, :n + 1] = pool.alloc(n + 1).flip(0).to(DEVICE)  # + the decoded token's
+    extend = _forward_batch(ForwardMode.EXTEND, table, rows, prefix_lens, extend_lens,
+                            torch.cat([table[r, p:s] for r, p, s in
+                                       zip(rows, prefix_lens, seq_lens)]))
+    decode = _forward_batch(ForwardMode.DECODE, table, rows, seq_lens, [1] * len(rows),
+                            torch.stack([table[r, s] for r, s in zip(rows, seq_lens)]))
+    graph_seq_lens = torch.tensor([s + 1 for s in seq_lens], dtype=torch.int32, device=DEVICE)
+    steps = [(extend, backend.init_forward_metadata), (decode, backend.init_forward_metadata),
+             (decode, lambda fb: backend.init_forward_metadata_graph(fb, graph_seq_lens))]
+    for fb, init in steps:
+        init(fb)
+        tokens = len(fb.out_cache_loc)
+        for layer_id, layer in enumerate(layers):
+            q, k, v = (torch.randn(tokens, h * DIM, generator=gen).to(DEVICE)
+                       for h in (HEADS, KV_HEADS, KV_HEADS))
+            out = backend.forward(q, k, v, layer_id, fb)
+            expected = forward_reference(q, pool, layer_id, fb, layer, HEADS)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_triton_on_the_cpu_needs_the_interpreter(monkeypatch):

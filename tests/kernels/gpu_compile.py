@@ -54,7 +54,7 @@ def signature(kernel, values: dict) -> tuple[dict, dict]:
 
 def wrapper_calls() -> None:
     """The wrappers at the shapes the engine uses: GQA 1 and 3, head dims 64 and 128, fp32
-    and bf16 (the GPU's 16-bit type)."""
+    and bf16 (the GPU's 16-bit type); attention also with a sliding window and soft-cap."""
     from sglbatch.kernels.decode_attention import decode_attention
     from sglbatch.kernels.extend_attention import extend_attention
     from sglbatch.kernels.kv_store import store_kv
@@ -68,10 +68,12 @@ def wrapper_calls() -> None:
             q = torch.zeros(tokens, kv_heads * group, dim, dtype=dtype)
             k = torch.zeros(tokens, kv_heads, dim, dtype=dtype)
             store_kv(k, k, r.new_loc, r.k_buf, r.v_buf)
-            extend_attention(q, k, k, r.k_buf, r.v_buf, r.req_to_token, r.req_pool_indices,
-                             r.prefix_lens, r.extend_lens, r.extend_start, dim ** -0.5, 3)
-            decode_attention(q[:2], r.k_buf, r.v_buf, r.req_to_token, r.req_pool_indices,
-                             r.prefix_lens + 1, dim ** -0.5, 8)
+            for window, cap in ((None, None), (16, 30.0)):
+                extend_attention(q, k, k, r.k_buf, r.v_buf, r.req_to_token,
+                                 r.req_pool_indices, r.prefix_lens, r.extend_lens,
+                                 r.extend_start, dim ** -0.5, 3, window, cap)
+                decode_attention(q[:2], r.k_buf, r.v_buf, r.req_to_token, r.req_pool_indices,
+                                 r.prefix_lens + 1, dim ** -0.5, 8, window, cap)
         x = torch.zeros(4, 576, dtype=dtype)
         rmsnorm(x, torch.ones(576, dtype=dtype), 1e-5)
         rmsnorm(x, torch.ones(576, dtype=dtype), 1e-5, residual=torch.zeros_like(x))

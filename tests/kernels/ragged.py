@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sglbatch.engine.attention.base import LayerAttention
+from sglbatch.engine.batch import ForwardBatch
+from sglbatch.engine.kv_pool import KVPool
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The 16-bit dtype the tests sweep: bf16 on a GPU. Triton's interpreter computes on numpy
 # arrays, and numpy has no bf16 (its arithmetic would run on the raw bits), so fp16 there.
@@ -55,6 +59,15 @@ def ragged_batch(prefix_lens: list[int], extend_lens: list[int], kv_heads: int, 
                   torch.cat(new_loc).to(DEVICE))
 
 
+def poison_before(r: Ragged, rows: list[int], ends: list[int]) -> None:
+    """NaN into K and V of each request's slots before column ends[b] (its first key in the
+    window): a kernel that reads any of them, even masked, returns NaN (0 * NaN in p @ v)."""
+    for row, end in zip(rows, ends):
+        slots = r.req_to_token[row, :max(end, 0)]
+        r.k_buf[:, slots] = float("nan")
+        r.v_buf[:, slots] = float("nan")
+
+
 def random_lens(n: int, low: int, high: int, seed: int) -> list[int]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(low, high + 1, (n,), generator=gen).tolist()
@@ -63,3 +76,24 @@ def random_lens(n: int, low: int, high: int, seed: int) -> list[int]:
 def tolerance(dtype: torch.dtype) -> dict:
     return {"atol": 2e-5, "rtol": 2e-5} if dtype == torch.float32 else \
         {"atol": 2e-2, "rtol": 2e-2}
+
+
+def forward_reference(q: torch.Tensor, kv_pool: KVPool, layer_id: int, fb: ForwardBatch,
+                      layer: LayerAttention, heads: int) -> torch.Tensor:
+    """What an attention backend's forward returns for `fb` once it stored the step's K/V:
+    each request's new tokens (q: [tokens, heads * head_dim]) over its row of slots in the
+    pool, by the dense reference with `layer`'s scale, window and soft-cap."""
+    from sglbatch.kernels.extend_attention import attention_reference
+
+    q = q.view(len(q), heads, -1)
+    out = torch.empty_like(q)
+    for b, (prefix, seq_len) in enumerate(zip(fb.prefix_lens_cpu, fb.seq_lens_cpu)):
+        slots = fb.req_to_token[fb.req_pool_indices[b], :seq_len]
+        k, v = kv_pool.get_kv(layer_id, slots)
+        first = int(fb.extend_start[b])
+        rows = slice(first, first + seq_len - prefix)
+        positions = torch.arange(prefix, seq_len, device=q.device)
+        out[rows] = attention_reference(q[rows], k.transpose(0, 1), v.transpose(0, 1),
+                                        positions, layer.scale, layer.sliding_window,
+                                        layer.logit_softcap)[0].to(q.dtype)
+    return out.view(len(q), -1)

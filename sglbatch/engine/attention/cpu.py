@@ -37,9 +37,12 @@ class CpuBackend(TorchNativeBackend):
     def _decode_suffixes(self, q: torch.Tensor, layer_id: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         r = self._decode_meta.suffix
+        layer = self.layers[layer_id]
+        # The kernel skips the keys before each request's window (0: no window, no cap).
         out, lse = self._kernels.decode_attention(
             q.contiguous(), self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id],
-            r.req_to_token, r.rows, r.starts, r.ends, self.scale)
+            r.req_to_token, r.rows, r.starts, r.ends, layer.scale, layer.sliding_window or 0,
+            layer.logit_softcap or 0.0)
         group = self.num_heads // self.num_kv_heads
         shape = (q.shape[0], self.num_kv_heads, group)
         return out.view(*shape, self.head_dim), lse.view(*shape, 1)

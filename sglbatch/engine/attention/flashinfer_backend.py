@@ -5,6 +5,10 @@ pages of one token in its "NHD" layout ([pages, page_size=1, kv_heads, head_dim]
 strided view of the head-major buffers, which FlashInfer accepts without a copy. New K/V
 are stored first, so both extend and decode attend each request's whole row of slots
 (extend with FlashInfer's causal mask, aligned to the end of the sequence).
+
+A wrapper takes the softmax scale, the window and the soft-cap when it is planned, not when
+it runs, so each distinct `LayerAttention` of the model (Gemma 2: a sliding and a full one)
+gets its own pair of wrappers, planned once per forward.
 """
 
 from __future__ import annotations
@@ -46,12 +50,15 @@ class FlashInferBackend(AttentionBackend):
         if self.kv_pool.k_buffers[0].dtype == torch.float32:
             raise ValueError("attention_backend='flashinfer' runs float16/bfloat16 only; use "
                              "dtype='bfloat16' or attention_backend='triton'")
+        # One scratch for all wrappers: they run one after another on the stream.
         workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "NHD",
-            # Tensor cores pay off once several query heads share a kv head.
-            use_tensor_cores=self.num_heads // self.num_kv_heads >= 4)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+        self._wrappers = {
+            layer: (flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                        workspace, "NHD",
+                        # Tensor cores pay off once several query heads share a kv head.
+                        use_tensor_cores=self.num_heads // self.num_kv_heads >= 4),
+                    flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD"))
+            for layer in dict.fromkeys(self.layers)}
 
     def _pages(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (one_token_pages(self.kv_pool.k_buffers[layer_id]),
@@ -69,14 +76,19 @@ class FlashInferBackend(AttentionBackend):
         dtype = self.kv_pool.k_buffers[0].dtype
         # Heads, head_dim and page size positionally: their keyword names vary by version.
         shape = (self.num_heads, self.num_kv_heads, self.head_dim, 1)
-        if fb.mode == ForwardMode.DECODE:
-            self._decode.plan(kv_indptr, kv_indices, last_page_len, *shape,
-                              q_data_type=dtype, kv_data_type=dtype)
-        else:
+        if fb.mode != ForwardMode.DECODE:
             qo_indptr = torch.zeros_like(kv_indptr)
             qo_indptr[1:] = torch.cumsum(fb.extend_lens.to(torch.int32), 0)
-            self._prefill.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, *shape,
-                               causal=True, q_data_type=dtype, kv_data_type=dtype)
+        for layer, (decode, prefill) in self._wrappers.items():
+            # window_left counts the keys left of the query's own: -1 is no window.
+            per_layer = dict(sm_scale=layer.scale, logits_soft_cap=layer.logit_softcap,
+                             window_left=(layer.sliding_window or 0) - 1,
+                             q_data_type=dtype, kv_data_type=dtype)
+            if fb.mode == ForwardMode.DECODE:
+                decode.plan(kv_indptr, kv_indices, last_page_len, *shape, **per_layer)
+            else:
+                prefill.plan(qo_indptr, kv_indptr, kv_indices, last_page_len, *shape,
+                             causal=True, **per_layer)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 fb: ForwardBatch) -> torch.Tensor:
@@ -84,6 +96,7 @@ class FlashInferBackend(AttentionBackend):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         self.kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
         q = q.reshape(-1, self.num_heads, self.head_dim)
-        wrapper = self._decode if fb.mode == ForwardMode.DECODE else self._prefill
+        decode, prefill = self._wrappers[self.layers[layer_id]]
+        wrapper = decode if fb.mode == ForwardMode.DECODE else prefill
         out = wrapper.run(q, self._pages(layer_id))
         return out.reshape(-1, self.num_heads * self.head_dim)

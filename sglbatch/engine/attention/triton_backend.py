@@ -28,7 +28,7 @@ class TritonBackend(AttentionBackend):
             return torch.tensor(values, dtype=torch.int32, device=device)
 
         self._seq_lens = ints(fb.seq_lens_cpu)
-        self._num_splits = num_splits_for(max(fb.seq_lens_cpu))
+        self._max_seq_len = max(fb.seq_lens_cpu)
         if fb.mode == ForwardMode.EXTEND:
             self._prefix_lens = ints(fb.prefix_lens_cpu)
             self._extend_lens = ints(fb.extend_lens_cpu)
@@ -38,7 +38,7 @@ class TritonBackend(AttentionBackend):
     def init_forward_metadata_graph(self, fb: ForwardBatch, seq_lens: torch.Tensor) -> None:
         # The graph runner refills `seq_lens` (its static buffer) before each replay.
         self._seq_lens = seq_lens
-        self._num_splits = MAX_NUM_SPLITS
+        self._max_seq_len = None  # one split count for every replay: MAX_NUM_SPLITS
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 fb: ForwardBatch) -> torch.Tensor:
@@ -47,11 +47,17 @@ class TritonBackend(AttentionBackend):
         q = q.view(-1, self.num_heads, self.head_dim)
         k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
         store_kv(k, v, fb.out_cache_loc, k_buf, v_buf)
+        layer = self.layers[layer_id]
         if fb.mode == ForwardMode.DECODE:
+            # A windowed layer splits only its window's keys.
+            num_splits = MAX_NUM_SPLITS if self._max_seq_len is None else \
+                num_splits_for(self._max_seq_len, layer.sliding_window)
             out = decode_attention(q, k_buf, v_buf, fb.req_to_token, fb.req_pool_indices,
-                                   self._seq_lens, self.scale, self._num_splits)
+                                   self._seq_lens, layer.scale, num_splits,
+                                   layer.sliding_window, layer.logit_softcap)
         else:
             out = extend_attention(q, k, v, k_buf, v_buf, fb.req_to_token, fb.req_pool_indices,
                                    self._prefix_lens, self._extend_lens, self._extend_start,
-                                   self.scale, self._max_extend_len)
+                                   layer.scale, self._max_extend_len, layer.sliding_window,
+                                   layer.logit_softcap)
         return out.reshape(-1, self.num_heads * self.head_dim)

@@ -6,6 +6,10 @@
 // then the softmax, then the weighted sum of values. Accumulation is fp32 whatever the
 // pool's dtype. Besides the output it returns each head's log-sum-exp, so a caller can
 // merge it with attention over other keys (a shared prefix) exactly.
+//
+// A sliding window moves a request's first key up to its window's start: the keys before
+// it stay in the pool but are never read, so a long context costs only its window. A logit
+// soft-cap s maps each scaled score x to s * tanh(x / s) before the softmax.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -16,6 +20,7 @@
 #endif
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -112,8 +117,8 @@ template <typename scalar_t, int64_t HEAD_DIM>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_buf,
                            const torch::Tensor& v_buf, const torch::Tensor& req_to_token,
                            const torch::Tensor& rows, const torch::Tensor& starts,
-                           const torch::Tensor& ends, double scale, torch::Tensor& out,
-                           torch::Tensor& lse) {
+                           const torch::Tensor& ends, double scale, int64_t window,
+                           double softcap, torch::Tensor& out, torch::Tensor& lse) {
   const int64_t batch = q.size(0);
   const int64_t num_heads = q.size(1);
   const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : q.size(2);
@@ -132,6 +137,8 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_buf,
   float* out_ptr = out.data_ptr<float>();
   float* lse_ptr = lse.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
+  const float cap = static_cast<float>(softcap);
+  const float inv_cap = softcap > 0 ? static_cast<float>(1.0 / softcap) : 0.f;
 
   at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t finish) {
     std::vector<float> qf(group * head_dim);
@@ -141,7 +148,9 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_buf,
     for (int64_t task = begin; task < finish; ++task) {
       const int64_t b = task / num_kv_heads;
       const int64_t kh = task % num_kv_heads;
-      const int64_t first = start_ptr[b];
+      // The query is at position end - 1; its window holds the last `window` keys.
+      const int64_t first =
+          window > 0 ? std::max(start_ptr[b], end_ptr[b] - window) : start_ptr[b];
       const int64_t len = end_ptr[b] - first;
       const int64_t* slots = table + row_ptr[b] * table_stride + first;
       const scalar_t* k_head = k_ptr + kh * pool_stride;
@@ -174,6 +183,9 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_buf,
       }
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * len;
+        if (softcap > 0) {
+          for (int64_t t = 0; t < len; ++t) s[t] = cap * std::tanh(s[t] * inv_cap);
+        }
         float max = std::numeric_limits<float>::lowest();
         for (int64_t t = 0; t < len; ++t) max = std::max(max, s[t]);
         float sum = 0.f;
@@ -205,13 +217,16 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_buf,
 }  // namespace
 
 // q: [batch, heads, head_dim]; k_buf, v_buf: [kv_heads, slots, head_dim] (one layer);
-// request b attends to slots req_to_token[rows[b], starts[b]:ends[b]].
+// request b attends to slots req_to_token[rows[b], starts[b]:ends[b]], and with window > 0
+// only to the last `window` of its sequence (column = position; ends[b] - 1 is the query's).
+// softcap > 0 soft-caps the scaled scores; 0 leaves them as they are.
 // Returns (out [batch, heads, head_dim] fp32, lse [batch, heads] fp32).
 std::vector<torch::Tensor> decode_attention(const torch::Tensor& q, const torch::Tensor& k_buf,
                                             const torch::Tensor& v_buf,
                                             const torch::Tensor& req_to_token,
                                             const torch::Tensor& rows, const torch::Tensor& starts,
-                                            const torch::Tensor& ends, double scale) {
+                                            const torch::Tensor& ends, double scale,
+                                            int64_t window, double softcap) {
   TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3, "expected 3-d q and pools");
   TORCH_CHECK(q.is_contiguous() && k_buf.is_contiguous() && v_buf.is_contiguous(),
               "q and the pools must be contiguous");
@@ -227,21 +242,20 @@ std::vector<torch::Tensor> decode_attention(const torch::Tensor& q, const torch:
   auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention",
                                   [&] {
+                                    auto run = [&](auto head_dim) {
+                                      decode_attention_impl<scalar_t, decltype(head_dim)::value>(
+                                          q, k_buf, v_buf, req_to_token, rows, starts, ends,
+                                          scale, window, softcap, out, lse);
+                                    };
                                     switch (q.size(2)) {
                                       case 64:
-                                        decode_attention_impl<scalar_t, 64>(
-                                            q, k_buf, v_buf, req_to_token, rows, starts, ends,
-                                            scale, out, lse);
+                                        run(std::integral_constant<int64_t, 64>{});
                                         break;
                                       case 128:
-                                        decode_attention_impl<scalar_t, 128>(
-                                            q, k_buf, v_buf, req_to_token, rows, starts, ends,
-                                            scale, out, lse);
+                                        run(std::integral_constant<int64_t, 128>{});
                                         break;
                                       default:
-                                        decode_attention_impl<scalar_t, 0>(
-                                            q, k_buf, v_buf, req_to_token, rows, starts, ends,
-                                            scale, out, lse);
+                                        run(std::integral_constant<int64_t, 0>{});
                                     }
                                   });
   return {out, lse};
