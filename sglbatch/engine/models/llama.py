@@ -1,4 +1,4 @@
-"""Llama family (Llama 2/3, SmolLM2, Mistral) on the engine's own layers.
+"""Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) on the engine's own layers.
 
 Projections are fused (q/k/v into `qkv_proj`, gate/up into `gate_up_proj`) so a layer runs
 two big matmuls instead of five; `packed_modules` tells the loader how checkpoints map in.
@@ -6,6 +6,9 @@ two big matmuls instead of five; `packed_modules` tells the loader how checkpoin
 Under tensor parallelism (a `group`), each rank builds its `shard` of every layer (see
 parallel/shard.py) and the layers whose partial results must be summed (o_proj, down_proj,
 the embedding) all-reduce them; the logits are gathered to rank 0.
+
+The pieces are reused by other families: a family that differs in one part overrides
+`make_rotary` or `make_layer`, or subclasses the attention (qwen3.py).
 """
 
 from __future__ import annotations
@@ -24,8 +27,26 @@ from sglbatch.engine.parallel.shard import RankShard, plan_shards
 from sglbatch.engine.trace import trace_range
 
 
-def _all_reduce(group: TPGroup | None, x: torch.Tensor) -> torch.Tensor:
+def all_reduce(group: TPGroup | None, x: torch.Tensor) -> torch.Tensor:
     return x if group is None else group.all_reduce(x)
+
+
+def layer_windows(config: ModelConfig) -> list[int | None]:
+    """Each layer's sliding window as transformers derives it from config.json: from
+    `layer_types` when given; Qwen2/Qwen3 slide only with `use_sliding_window`, from layer
+    `max_window_layers` on; Mistral slides every layer."""
+    hf, layers = config.hf, config.num_hidden_layers
+    window = hf.get("sliding_window")
+    if window is None:
+        return [None] * layers
+    if hf.get("layer_types"):
+        return [window if t == "sliding_attention" else None for t in hf["layer_types"]]
+    if "use_sliding_window" in hf:
+        if not hf["use_sliding_window"]:
+            return [None] * layers
+        first = hf.get("max_window_layers", 0)
+        return [window if i >= first else None for i in range(layers)]
+    return [window] * layers
 
 
 class LlamaAttention(nn.Module):
@@ -34,6 +55,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.group = group
+        self.head_dim = config.head_dim
         self.q_size = shard.num_q_heads * config.head_dim
         self.kv_size = shard.num_kv_heads * config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
@@ -41,15 +63,20 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.rotary = rotary
 
+    def position_qk(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k as the attention sees them: rotated (subclasses normalise them first)."""
+        return self.rotary(positions, q, k)
+
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch,
                 attn: AttentionBackend) -> torch.Tensor:
         with trace_range("sglbatch.attention"):
             q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size],
                                                   dim=-1)
-            q, k = self.rotary(positions, q, k)
+            q, k = self.position_qk(positions, q, k)
             with trace_range("sglbatch.attention_backend"):
                 out = attn.forward(q, k, v.contiguous(), self.layer_id, fb)
-            return _all_reduce(self.group, self.o_proj(out))
+            return all_reduce(self.group, self.o_proj(out))
 
 
 class LlamaMLP(nn.Module):
@@ -63,15 +90,16 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with trace_range("sglbatch.mlp"):
-            return _all_reduce(self.group, self.down_proj(self.act(self.gate_up_proj(x))))
+            return all_reduce(self.group, self.down_proj(self.act(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding,
-                 shard: RankShard, group: TPGroup | None):
+    """Pre-norm block around any attention and MLP (an MoE block fits as the `mlp`)."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, self_attn: nn.Module, mlp: nn.Module):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, rotary, shard, group)
-        self.mlp = LlamaMLP(config, shard, group)
+        self.self_attn = self_attn
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.trace_name = f"sglbatch.layer.{layer_id}"
@@ -92,16 +120,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, shard: RankShard, group: TPGroup | None):
+    def __init__(self, config: ModelConfig, shard: RankShard, layers: list[nn.Module],
+                 norm: nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(shard.vocab_chunk, config.hidden_size)
-        # One rotary table shared by every layer.
-        rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
-                                 config.rope_theta, config.rope_scaling)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, rotary, shard, group)
-            for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
 
 
 class LlamaForCausalLM(nn.Module):
@@ -117,24 +141,41 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.shard = shard or plan_shards(config, 1)[0]  # what the loader fills
         self.group = group
-        self.model = LlamaModel(config, self.shard, group)
+        rotary = self.make_rotary(config)  # one table shared by every layer
+        self.model = LlamaModel(
+            config, self.shard,
+            [self.make_layer(config, i, rotary) for i in range(config.num_hidden_layers)],
+            self.make_norm(config))
         self.lm_head = nn.Linear(config.hidden_size, self.shard.vocab_chunk, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def make_rotary(self, config: ModelConfig) -> nn.Module:
+        return RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                               config.rope_theta, config.rope_scaling)
+
+    def make_layer(self, config: ModelConfig, layer_id: int, rotary: nn.Module) -> nn.Module:
+        return LlamaDecoderLayer(
+            config, layer_id, LlamaAttention(config, layer_id, rotary, self.shard, self.group),
+            LlamaMLP(config, self.shard, self.group))
+
+    def make_norm(self, config: ModelConfig) -> nn.Module:
+        return RMSNorm(config.hidden_size, config.rms_norm_eps)
+
     def attention_layers(self) -> list[LayerAttention]:
         """Each layer's attention (scale, window, soft-cap), for the attention backend."""
-        return [LayerAttention(self.config.head_dim ** -0.5)] * self.config.num_hidden_layers
+        scale = self.config.head_dim ** -0.5
+        return [LayerAttention(scale, window) for window in layer_windows(self.config)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch,
                 attn: AttentionBackend) -> torch.Tensor:
         """Returns final hidden states [tokens, hidden] (normed); see `compute_logits`."""
-        hidden, residual = self._embed(input_ids), None
+        hidden, residual = self.embed(input_ids), None
         for layer in self.model.layers:
             hidden, residual = layer(positions, hidden, residual, fb, attn)
         return self.model.norm(hidden, residual)[0]
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.group is None:
             return self.model.embed_tokens(input_ids)
         # Vocabulary-parallel: rows of ids outside this rank's range are zero; the all-reduce
@@ -154,7 +195,7 @@ class LlamaForCausalLM(nn.Module):
             return self.group.gather_vocab(logits, self.config.vocab_size)
 
 
-# Qwen2 is Llama plus a q/k/v bias, which ModelConfig.attention_bias carries; Mistral
-# (without sliding-window attention) is Llama with an explicit head_dim.
+# Qwen2 is Llama plus a q/k/v bias, which ModelConfig.attention_bias carries; Mistral is
+# Llama with an explicit head_dim. Both take their sliding windows from `layer_windows`.
 ARCHITECTURES = {"LlamaForCausalLM": LlamaForCausalLM, "MistralForCausalLM": LlamaForCausalLM,
                  "Qwen2ForCausalLM": LlamaForCausalLM}

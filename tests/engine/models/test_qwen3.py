@@ -1,0 +1,44 @@
+"""Qwen3 (q/k norms per head; with its optional sliding window on the upper layer, and
+without it over two tensor-parallel ranks) matches transformers on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine.models.tiny_check import (
+    build_tiny,
+    check_greedy,
+    check_logits,
+    check_matches_transformers,
+)
+
+
+def _qwen3(windowed: bool = True):
+    import transformers as tf
+
+    return tf.Qwen3ForCausalLM(tf.Qwen3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=256,
+        use_sliding_window=windowed, sliding_window=16, max_window_layers=1,
+        tie_word_embeddings=False))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_dir):
+    return build_tiny(_qwen3, tmp_path_factory.mktemp("tiny-qwen3"), smollm2_dir)
+
+
+def test_last_logits_match_transformers(tiny):
+    check_logits(tiny)
+
+
+def test_greedy_matches_transformers(tiny):
+    check_greedy(tiny)
+
+
+def test_greedy_with_chunked_prefill_matches_transformers(tiny):
+    check_greedy(tiny, chunked_prefill_size=16)
+
+
+def test_without_window_over_two_ranks_matches_transformers(tmp_path, smollm2_dir):
+    check_matches_transformers(lambda: _qwen3(windowed=False), tmp_path, smollm2_dir, tp_size=2)
