@@ -25,6 +25,7 @@ from sglbatch.engine.cuda_graph import CudaGraphRunner
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
 from sglbatch.engine.layers.compile import compile_elementwise
 from sglbatch.engine.layers.linear import pack_linears
+from sglbatch.engine.layers.moe import pack_experts
 from sglbatch.engine.layers.norm import use_fused_kernel
 from sglbatch.engine.loader import load_weights
 from sglbatch.engine.logprobs import StepLogprobs, gather_step_logprobs
@@ -69,6 +70,7 @@ class ModelRunner:
         self.model.to(self.device).eval()
         if self.device.type == "cpu":
             pack_linears(self.model)
+            pack_experts(self.model)
         elif is_installed("triton"):
             use_fused_kernel(self.model)  # residual add + RMSNorm in one kernel
         if config.enable_torch_compile:

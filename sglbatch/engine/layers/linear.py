@@ -53,6 +53,8 @@ def pack_linears(model: nn.Module) -> int:
 
 def model_flops_per_token(model: nn.Module) -> int:
     """2 FLOPs per weight of every linear layer (the LM head included; tied or not),
-    packed (`PackedLinear`) or not."""
-    return 2 * sum(m.in_features * m.out_features for m in model.modules()
-                   if isinstance(m, (nn.Linear, PackedLinear)))
+    packed (`PackedLinear`) or not, plus what a Mixture-of-Experts layer's routed experts
+    cost a token (`routed_flops_per_token`: its top-k experts only)."""
+    linear = 2 * sum(m.in_features * m.out_features for m in model.modules()
+                     if isinstance(m, (nn.Linear, PackedLinear)))
+    return linear + sum(getattr(m, "routed_flops_per_token", 0) for m in model.modules())

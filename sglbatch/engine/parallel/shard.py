@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from sglbatch.engine.config import ModelConfig
+from sglbatch.engine.layers.moe import slice_moe_checkpoint
 
 # Checkpoint module name -> (dimension split, which range splits it).
 _SPLITS = {
@@ -35,6 +36,9 @@ class RankShard:
     intermediate: range  # MLP columns
     vocab: range  # vocabulary rows this rank holds
     vocab_chunk: int  # rows of its embedding and lm_head: the vocabulary padded to size * chunk
+    # MoE: its columns of each expert's intermediate dimension, and of a shared expert's.
+    expert_intermediate: range = range(0)
+    shared_intermediate: range = range(0)
 
     @property
     def num_q_heads(self) -> int:
@@ -46,6 +50,10 @@ class RankShard:
 
     def slice_checkpoint(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of the full checkpoint tensor `name` (unchanged if replicated)."""
+        moe = slice_moe_checkpoint(name, tensor, self.expert_intermediate,
+                                   self.shared_intermediate) if self.size > 1 else None
+        if moe is not None:
+            return moe
         split = _SPLITS.get(name.split(".")[-2]) if self.size > 1 else None
         if split is None:
             return tensor
@@ -104,11 +112,20 @@ def plan_shards(config: ModelConfig, size: int) -> tuple[RankShard, ...]:
     if size > config.intermediate_size:
         raise ValueError(f"tp_size={size} is more ranks than the MLP's "
                          f"{config.intermediate_size} columns")
+    # MoE experts' intermediate size (Mixtral's is intermediate_size) and a shared expert's.
+    expert = config.hf.get("moe_intermediate_size") or config.intermediate_size
+    shared = config.hf.get("shared_expert_intermediate_size") or 0
+    for columns in (expert, shared):
+        if 0 < columns < size:
+            raise ValueError(f"tp_size={size} is more ranks than an MoE expert's {columns} "
+                             "columns")
     heads = _head_ranges(config.num_attention_heads, config.num_key_value_heads, size)
     mlp = even_split(config.intermediate_size, size)
+    experts, shared_split = even_split(expert, size), even_split(shared, size)
     chunk = -(-config.vocab_size // size)
     return tuple(
         RankShard(rank, size, config.head_dim, q, kv, mlp[rank],
                   range(min(rank * chunk, config.vocab_size),
-                        min((rank + 1) * chunk, config.vocab_size)), chunk)
+                        min((rank + 1) * chunk, config.vocab_size)), chunk,
+                  experts[rank], shared_split[rank])
         for rank, (q, kv) in enumerate(heads))
