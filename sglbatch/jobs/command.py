@@ -73,13 +73,14 @@ def run_jobs(path: str, shard: tuple[int, int] | None, dry_run: bool, console: C
         return 0
     from sglbatch.engine.engine import Engine
     from sglbatch.jobs.endpoint import EndpointClient, EndpointUnavailable
-    from sglbatch.jobs.ray_executor import RayJobRunner
     from sglbatch.jobs.runner import JobRunner, TooManyErrors
 
     engine, engine_args = None, None
     try:
         for job in jobs:
             if job.executor == "ray":  # the engines live in Ray actors
+                from sglbatch.jobs.ray_executor import RayJobRunner
+
                 runner = RayJobRunner(job, shard, console)
             else:
                 # Consecutive jobs on one model share its engine; an endpoint job talks HTTP.

@@ -1,40 +1,39 @@
 """`executor: ray`: a job's rows on Ray Data, one engine per Ray actor, committed by the driver.
 
-The driver reads the input with the local runner's reader (the same ids, indexes, filter,
-limit and error rows), drops the ids its ResultWriter has already committed, and hands the
-rest to Ray Data: `map_batches` over an ActorPoolStrategy of `ray.replicas` actors, each
-owning one `Engine(**job.model)`, runs each batch as the local runner runs a window
-(`run_rows`: render, prefix order, the typed engine API) and returns its records. The driver
-commits every batch it receives as one atomic chunk of the local runner's commit log, so a
-killed driver or actor loses only uncommitted batches, which a rerun redoes, and `finalize`
-writes the file a local run writes. Rows and records cross Ray pickled, so kept columns keep
-their types.
+Ray Data reads the input on the cluster (jobs/ray_source.py: local files, globs, S3 or GCS
+through fsspec; each row numbered as the local reader numbers it, bad lines as error rows,
+committed ids marked skipped). `map_batches` over an ActorPoolStrategy of `ray.replicas`
+actors, each owning one `Engine(**job.model)`, runs each batch as the local runner runs a
+window (`run_rows`: render, prefix order, the typed engine API) and returns its records. The
+driver commits every batch it receives as one atomic chunk of the local runner's id-keyed
+commit log (jobs/writer.py), so a killed driver or actor loses only uncommitted batches,
+which a rerun redoes, and `finalize` writes the file a local run writes. Rows and records
+cross Ray pickled, so kept columns keep their types.
 """
 
 from __future__ import annotations
 
 import asyncio
 import pickle
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 from rich.console import Console
 
+from sglbatch.jobs.progress import JobStats
 from sglbatch.jobs.reader import Row
 from sglbatch.jobs.runner import JobRunner, make_record, run_rows
 from sglbatch.jobs.spec import RAY_INSTALL, JobSpec
 from sglbatch.jobs.writer import ResultWriter
 
+try:
+    import ray
+    import ray.data
+except ImportError:  # the job spec says so first; this is for callers that skip it
+    raise ImportError(f"executor: ray needs Ray, which is not installed (fix: {RAY_INSTALL})"
+                      ) from None
 
-def import_ray() -> Any:
-    try:
-        import ray
-        import ray.data
-    except ImportError:
-        raise RuntimeError("executor: ray needs Ray, which is not installed "
-                           f"(fix: {RAY_INSTALL})") from None
-    return ray
+from sglbatch.jobs.ray_source import SKIPPED, list_input, plan_input, read_rows  # noqa: E402
 
 
 class JobReplica:
@@ -55,9 +54,13 @@ class JobReplica:
         return [record for _, record in sorted(records, key=lambda r: r[0])]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [pickle.loads(blob) for blob in batch.column("row").to_pylist()]
-        return pa.table({"record": pa.array([pickle.dumps(r) for r in self.run(rows)],
-                                            pa.binary())})
+        """Column `row` (pickled Rows, or SKIPPED) in; column `record` (pickled records, or
+        SKIPPED in the same places) out."""
+        blobs = batch.column("row").to_pylist()
+        rows = [pickle.loads(blob) for blob in blobs if blob != SKIPPED]
+        records = iter(self.run(rows))  # in index order, as the rows came
+        out = [SKIPPED if blob == SKIPPED else pickle.dumps(next(records)) for blob in blobs]
+        return pa.table({"record": pa.array(out, pa.binary())})
 
 
 class RayJobRunner(JobRunner):
@@ -67,25 +70,39 @@ class RayJobRunner(JobRunner):
                  console: Console | None = None):
         super().__init__(job, None, shard, console)
 
-    def _run_rows(self, rows: Iterator[Row], done: set, writer: ResultWriter) -> None:
-        ray = import_ray()
-        todo = self._todo(list(rows), done)
-        if not todo:
-            return
-        cfg = self.job.ray
+    def run(self) -> JobStats:
         started = not ray.is_initialized()
         if started:
-            ray.init(address=cfg.address)
+            ray.init(address=self.job.ray.address)
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False  # ours shows
-            ds = ray.data.from_items([{"row": pickle.dumps(r)} for r in todo]).map_batches(
-                JobReplica, fn_constructor_kwargs={"job": self.job}, batch_format="pyarrow",
-                batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
-                num_cpus=cfg.num_cpus_per_replica, num_gpus=cfg.num_gpus_per_replica)
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for blob in batch.column("record").to_pylist():
-                    self._add(writer, pickle.loads(blob))
-                writer.flush()  # the batch is one atomic chunk
+            self._files = list_input(self.job.input)
+            self._plan = plan_input(ray.data, self.job.input, self._files)
+            return super().run()
         finally:
             if started:
                 ray.shutdown()
+
+    def _count_rows(self) -> int | None:
+        rows = self._plan.rows
+        if self.shard is None:
+            return rows
+        # Without a filter the rows are indexes 0..rows-1; with one, which survive is unknown.
+        return None if self.job.input.filter else len(range(self.shard[0], rows, self.shard[1]))
+
+    def _run_rows(self, done: set, writer: ResultWriter) -> None:
+        cfg = self.job.ray
+        rows = read_rows(ray.data, self.job.input, self._files, self._plan, self.shard,
+                         ray.put(frozenset(done)))
+        ds = rows.map_batches(
+            JobReplica, fn_constructor_kwargs={"job": self.job}, batch_format="pyarrow",
+            batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
+            num_cpus=cfg.num_cpus_per_replica, num_gpus=cfg.num_gpus_per_replica)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for blob in batch.column("record").to_pylist():
+                if blob == SKIPPED:
+                    self.stats.skipped += 1
+                    self._progress.advance()
+                else:
+                    self._add(writer, pickle.loads(blob))
+            writer.flush()  # the batch is one atomic chunk

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from types import CodeType
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -27,6 +28,7 @@ from sglbatch.jobs.spec import InputSpec, compile_filter
 SAFE_BUILTINS = {f.__name__: f for f in (len, int, float, str, bool, min, max, abs, round, any,
                                          all, sorted)}
 _BATCH_ROWS = 1024
+_READ_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -55,34 +57,48 @@ def iter_rows(spec: InputSpec, shard: tuple[int, int] | None = None) -> Iterator
     with index % n == i. Every shard reads the whole input, so the n shards partition exactly
     the rows one unsharded run would see."""
     validate_shard(shard)
+    if spec.uri is not None:
+        raise ValueError(f"input.path {spec.uri!r} is a URI, which executor: ray reads")
     code = compile_filter(spec.filter) if spec.filter else None
-    records = chain.from_iterable(_READERS[spec.format](p) for p in spec.paths)
+    records = chain.from_iterable(_read_path(spec.format, p) for p in spec.paths)
     kept = 0
     for index, (data, error) in enumerate(records):
-        if data is not None and code is not None:
-            try:
-                # The row as globals: generator expressions in a filter see globals only.
-                if not eval(code, {**data, "__builtins__": SAFE_BUILTINS}):
-                    continue
-            except Exception as e:  # noqa: BLE001 - a failing filter fails its row only
-                error = f"input.filter raised {type(e).__name__}: {e}"
+        keep, error = apply_filter(code, data, error)
+        if not keep:
+            continue
         kept += 1
         if shard is None or index % shard[1] == shard[0]:
-            yield _row(index, data, error, spec.id_column)
+            yield make_row(index, data, error, spec.id_column)
         if kept == spec.limit:
             return
 
 
+def apply_filter(code: CodeType | None, data: dict | None,
+                 error: str | None) -> tuple[bool, str | None]:
+    """(whether input.filter keeps the row, its error): a filter that raises fails its row
+    only, which is kept so that it gets an error record."""
+    if data is None or code is None:
+        return True, error
+    try:
+        # The row as globals: generator expressions in a filter see globals only.
+        return bool(eval(code, {**data, "__builtins__": SAFE_BUILTINS})), error
+    except Exception as e:  # noqa: BLE001
+        return True, f"input.filter raised {type(e).__name__}: {e}"
+
+
 def count_rows(spec: InputSpec) -> int | None:
     """The number of rows iter_rows yields unsharded, for a progress bar; None with a filter
-    (it would mean evaluating it over the whole input)."""
-    if spec.filter:
+    (it would mean evaluating it over the whole input) or a URI input."""
+    if spec.filter or spec.uri is not None:
         return None
-    total = sum(_COUNTERS[spec.format](p) for p in spec.paths)
+    total = 0
+    for path in spec.paths:
+        with open(path, "rb") as f:
+            total += count_file(spec.format, f)
     return total if spec.limit is None else min(total, spec.limit)
 
 
-def _row(index: int, data: dict | None, error: str | None, id_column: str | None) -> Row:
+def make_row(index: int, data: dict | None, error: str | None, id_column: str | None) -> Row:
     if id_column is None or data is None:
         return Row(index, index, data, error)
     row_id = data.get(id_column)
@@ -94,19 +110,54 @@ def _row(index: int, data: dict | None, error: str | None, id_column: str | None
     return Row(index, row_id, data, error)
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, bytes) of each non-blank line; blank lines are not rows."""
+def parse_file(fmt: str, f: BinaryIO, name: str) -> Iterator[tuple[dict | None, str | None]]:
+    """(row, None) or (None, why it cannot be read) for each record of one open file (a local
+    file, or a pyarrow file on any filesystem: Ray reads S3 or GCS this way). `name` goes into
+    error messages. Parquet and CSV need a seekable file."""
+    if fmt == "jsonl":
+        return _parse_jsonl(f, name)
+    batches = _parquet_batches(f) if fmt == "parquet" else _csv_batches(f)
+    return ((data, None) for batch in batches for data in batch.to_pylist())
+
+
+def count_file(fmt: str, f: BinaryIO) -> int:
+    """The number of records parse_file yields for the file, read as cheaply as the format
+    allows (Parquet: its footer)."""
+    if fmt == "jsonl":
+        return sum(1 for _ in _jsonl_lines(f))
+    if fmt == "parquet":
+        return pq.ParquetFile(f).metadata.num_rows
+    return sum(batch.num_rows for batch in _csv_batches(f))
+
+
+def _read_path(fmt: str, path: Path) -> Iterator[tuple[dict | None, str | None]]:
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if lineno == 1:
-                line = line.removeprefix(codecs.BOM_UTF8)
-            if line and not line.isspace():
-                yield lineno, line
+        yield from parse_file(fmt, f, path.name)
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[dict | None, str | None]]:
-    for lineno, line in _jsonl_lines(path):
-        where = f"{path.name}:{lineno}"
+def _lines(f: BinaryIO) -> Iterator[bytes]:
+    """Lines of a binary file, read in large blocks (pyarrow's files have no readline)."""
+    rest = b""
+    while block := f.read(_READ_BYTES):
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _jsonl_lines(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each non-blank line; blank lines are not rows."""
+    for lineno, line in enumerate(_lines(f), 1):
+        if lineno == 1:
+            line = line.removeprefix(codecs.BOM_UTF8)
+        if line and not line.isspace():
+            yield lineno, line
+
+
+def _parse_jsonl(f: BinaryIO, name: str) -> Iterator[tuple[dict | None, str | None]]:
+    for lineno, line in _jsonl_lines(f):
+        where = f"{name}:{lineno}"
         try:
             data = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -121,39 +172,17 @@ def _read_jsonl(path: Path) -> Iterator[tuple[dict | None, str | None]]:
             yield None, f"{where}: expected a JSON object, got {type(data).__name__}"
 
 
-def _read_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[dict, None]]:
-    for batch in batches:
-        for data in batch.to_pylist():
-            yield data, None
+def _parquet_batches(f: BinaryIO) -> Iterator[pa.RecordBatch]:
+    with pq.ParquetFile(f) as parquet:
+        yield from parquet.iter_batches(batch_size=_BATCH_ROWS)
 
 
-def _parquet_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    with pq.ParquetFile(path) as f:
-        yield from f.iter_batches(batch_size=_BATCH_ROWS)
-
-
-def _csv_batches(path: Path) -> Iterator[pa.RecordBatch]:
-    with pacsv.open_csv(path) as reader:
+def _csv_batches(f: BinaryIO) -> Iterator[pa.RecordBatch]:
+    with pacsv.open_csv(f) as reader:
         names = reader.schema.names
+    f.seek(0)
     # Every column as a string, as Python's csv module reads it: types inferred from the
     # first block would fail mid-file on a later row that disagrees.
     options = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()))
-    with pacsv.open_csv(path, convert_options=options) as reader:
+    with pacsv.open_csv(f, convert_options=options) as reader:
         yield from reader
-
-
-def _count_parquet(path: Path) -> int:
-    with pq.ParquetFile(path) as f:
-        return f.metadata.num_rows
-
-
-_READERS = {
-    "jsonl": _read_jsonl,
-    "parquet": lambda path: _read_batches(_parquet_batches(path)),
-    "csv": lambda path: _read_batches(_csv_batches(path)),
-}
-_COUNTERS = {
-    "jsonl": lambda path: sum(1 for _ in _jsonl_lines(path)),
-    "parquet": _count_parquet,
-    "csv": lambda path: sum(batch.num_rows for batch in _csv_batches(path)),
-}

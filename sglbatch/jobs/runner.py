@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,17 +138,14 @@ class JobRunner:
     def run(self) -> JobStats:
         writer = ResultWriter(self.job.output, self.output_path, chunk_rows=self.job.chunk_rows)
         done = writer.done_ids()
-        total = count_rows(self.job.input)
-        if total is not None and self.shard is not None:
-            i, n = self.shard
-            total = len(range(i, total, n))
+        total = self._count_rows()
         logger.info("job %s: %s rows, %d already done, output %s", self.job.name,
                     total if total is not None else "?", len(done), self.output_path)
         before = self._replica_stats()
         with JobProgress(self.console, self.job.name, total, self.stats) as progress:
             self._progress = progress
             try:
-                self._run_rows(iter_rows(self.job.input, self.shard), done, writer)
+                self._run_rows(done, writer)
             except BaseException:
                 writer.close()  # what finished is committed; a rerun resumes from there
                 raise
@@ -160,9 +157,18 @@ class JobRunner:
         logger.info("job %s finished: %s", self.job.name, self.stats.as_dict())
         return self.stats
 
-    def _run_rows(self, rows: Iterator[Row], done: set, writer: ResultWriter) -> None:
-        """Run every row whose id is not in `done`, adding its record to `writer`, window by
-        window (a subclass may run them elsewhere)."""
+    def _count_rows(self) -> int | None:
+        """This run's rows (this shard's), for the progress bar; None when unknown."""
+        total = count_rows(self.job.input)
+        if total is not None and self.shard is not None:
+            i, n = self.shard
+            total = len(range(i, total, n))
+        return total
+
+    def _run_rows(self, done: set, writer: ResultWriter) -> None:
+        """Run every input row whose id is not in `done`, adding its record to `writer`,
+        window by window (a subclass may read and run them elsewhere)."""
+        rows = iter_rows(self.job.input, self.shard)
         while window := list(itertools.islice(rows, self.job.window)):
             asyncio.run(self._run_window(self._todo(window, done), writer))
 

@@ -38,6 +38,7 @@ from sglbatch.jobs.yaml_source import (
 INPUT_FORMATS = ("jsonl", "parquet", "csv")
 OUTPUT_FORMATS = ("jsonl", "parquet")
 EXECUTORS = ("local", "ray")
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # s3://bucket/..., file:///data/...
 RAY_INSTALL = 'pip install "sglbatch[ray]"'  # the extra that executor: ray needs
 _FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
@@ -56,9 +57,10 @@ class EndpointSpec:
 class InputSpec:
     """The dataset: files read in order, one row per record, ids from `id_column` (unique)."""
 
-    paths: list[Path]
+    paths: list[Path]  # local files; empty when `uri` names the input
     format: str
     id_column: str | None = None
+    uri: str | None = None  # s3://, gs://, file://... (a glob allowed), read by executor: ray
     limit: int | None = None  # first N rows after the filter, over the whole input
     filter: str | None = None  # a Python expression over the row's columns
 
@@ -185,7 +187,7 @@ def _job(src: Source, raw: dict, base: Path, default_name: str,
         name=get(src, raw, ("name",), str) or default_name,
         model=model,
         endpoint=endpoint,
-        input=_input(src, raw, base),
+        input=_input(src, raw, base, executor),
         prompt=_template(src, raw, ("prompt",)),
         messages=_messages(src, raw),
         program=_program(src, raw, base),
@@ -268,15 +270,21 @@ def _endpoint(src: Source, raw: dict) -> EndpointSpec | None:
     )
 
 
-def _input(src: Source, raw: dict, base: Path) -> InputSpec:
+def _input(src: Source, raw: dict, base: Path, executor: str) -> InputSpec:
     value = require(src, raw, ("input",), dict, "{path: data.jsonl}")
     check_keys(src, value, ("input",), _INPUT_KEYS)
     pattern = require(src, value, ("input", "path"), str, "data/*.jsonl")
+    uri = pattern if _URI.match(pattern) else None
+    if uri is not None and executor != "ray":
+        raise src.error(("input", "path"), "a URI input is read on a Ray cluster",
+                        "set executor: ray (it reads s3://, gs:// and any fsspec filesystem), "
+                        "or copy the files to a local path")
     full = _under(base, pattern)
-    # A literal name may hold glob characters ([...]); only a missing file is globbed.
-    paths = [full] if full.is_file() else sorted(
+    # A literal name may hold glob characters ([...]); only a missing file is globbed. A URI
+    # is listed when the job runs, on its filesystem.
+    paths = [] if uri is not None else [full] if full.is_file() else sorted(
         Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
-    if not paths:
+    if not paths and uri is None:
         raise src.error(("input", "path"), f"no file matches {pattern!r}",
                         f"check the path; relative paths start from the job file's directory "
                         f"({base})")
@@ -290,8 +298,9 @@ def _input(src: Source, raw: dict, base: Path) -> InputSpec:
                             "len(question) < 500") from None
     return InputSpec(
         paths=paths,
-        format=_format(src, value, ("input",), paths, INPUT_FORMATS),
+        format=_format(src, value, ("input",), paths or [Path(pattern)], INPUT_FORMATS),
         id_column=get(src, value, ("input", "id_column"), str),
+        uri=uri,
         limit=count(src, value, ("input", "limit"), 1),
         filter=expr,
     )

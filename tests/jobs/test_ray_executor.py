@@ -3,6 +3,7 @@ records as the local runner, JSONL and Parquet, bad rows, and exactly once after
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,9 +21,10 @@ from sglbatch.jobs.runner import JobRunner
 from sglbatch.jobs.spec import load_jobs
 from sglbatch.jobs.writer import ResultWriter, parts_dir
 from sglbatch.jobs.yaml_source import SpecError
-from tests.jobs.helpers import read_output, write_prompt_job
+from tests.jobs.helpers import read_output, write_job, write_prompt_job
 
 ray = pytest.importorskip("ray")
+from sglbatch.jobs.ray_executor import RayJobRunner  # noqa: E402 - needs ray
 
 ROWS = [{"id": f"q{i}", "question": f"What is {i} plus {i % 7}?"} for i in range(40)]
 ROWS[7] = {"id": "q7", "topic": "no question column"}  # a bad row: an error record
@@ -73,8 +75,6 @@ def _ray_job(tmp_path, smollm2_dir, **job):
 
 def test_jsonl_job_on_two_replicas_matches_the_local_runner(ray_cluster, local_records,
                                                             smollm2_dir, tmp_path):
-    from sglbatch.jobs.ray_executor import RayJobRunner
-
     stats = RayJobRunner(_ray_job(tmp_path, smollm2_dir)).run()
     out = read_output(tmp_path / "out.jsonl")
     assert _comparable(out) == _comparable(local_records)
@@ -82,6 +82,41 @@ def test_jsonl_job_on_two_replicas_matches_the_local_runner(ray_cluster, local_r
     [bad] = [r for r in out if "error" in r]
     assert bad["id"] == "q7" and "no column 'question'" in bad["error"]
     assert not parts_dir(tmp_path / "out.jsonl").exists()
+
+
+def test_a_glob_uri_over_several_files_numbers_rows_as_the_local_reader(
+        ray_cluster, engine, smollm2_dir, tmp_path):
+    """Ray Data reads a file:// glob (the fsspec path S3 and GCS take): with no id column,
+    a filter, a limit that ends inside the last file, a line that is not JSON and a prompt
+    over the context, every record (ids are indexes) equals the local runner's."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"question": f"What is {i} times 3?", "keep": i % 4 != 1} for i in range(18)]
+    rows[10]["question"] = "word " * 9000  # longer than the model's context
+    for part, chunk in enumerate((rows[:5], rows[5:11], rows[11:])):
+        lines = [json.dumps(r) for r in chunk]
+        if part == 1:
+            lines.insert(2, "{not json")
+        (data / f"part-{part}.jsonl").write_text("\n".join(lines) + "\n")
+    job = {"prompt": "Q: {question}\nA:", "order": "input",
+           "input": {"path": str(data / "part-*.jsonl"), "filter": "keep", "limit": 11},
+           "output": {"path": str(tmp_path / "local.jsonl"), "sort_output": True}}
+    [local] = load_jobs(write_job(tmp_path / "local.yaml", smollm2_dir, **job))
+    JobRunner(local, engine).run()
+    ray_job = {**job, "executor": "ray", "ray": RAY,
+               "input": {**job["input"], "path": f"file://{data}/part-*.jsonl"},
+               "output": {**job["output"], "path": str(tmp_path / "ray.jsonl")}}
+    [remote] = load_jobs(write_job(tmp_path / "ray.yaml", smollm2_dir, **ray_job))
+    assert remote.input.uri is not None and remote.input.paths == []
+    stats = RayJobRunner(remote).run()
+    want = read_output(tmp_path / "local.jsonl")
+    got = read_output(tmp_path / "ray.jsonl")
+    assert _comparable(got) == _comparable(want)
+    assert [r["index"] for r in got] == [0, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13]
+    assert stats.rows == 11 and stats.errors == 2
+    errors = {r["index"]: r["error"] for r in got if "error" in r}
+    assert "invalid JSON" in errors[7] and "part-1.jsonl:3" in errors[7]
+    assert "context" in errors[11]
 
 
 def test_cli_executor_flag_runs_parquet_to_parquet(ray_cluster, local_records, smollm2_dir,
@@ -101,8 +136,6 @@ def test_cli_executor_flag_runs_parquet_to_parquet(ray_cluster, local_records, s
 
 def test_a_rerun_after_a_crash_writes_every_row_once(ray_cluster, local_records, smollm2_dir,
                                                      tmp_path):
-    from sglbatch.jobs.ray_executor import RayJobRunner
-
     job = _ray_job(tmp_path, smollm2_dir)
     # A run killed after committing two chunks: its parts folder, no output.
     writer = ResultWriter(job.output, job.output.path, chunk_rows=6)
@@ -117,8 +150,6 @@ def test_a_rerun_after_a_crash_writes_every_row_once(ray_cluster, local_records,
 
 def test_a_driver_killed_mid_run_then_rerun_writes_every_row_once(ray_cluster, local_records,
                                                                     smollm2_dir, tmp_path):
-    from sglbatch.jobs.ray_executor import RayJobRunner
-
     address = ray.get_runtime_context().gcs_address  # the killed run joins this cluster
     job_file = write_prompt_job(tmp_path, smollm2_dir, ROWS, executor="ray",
                                 ray={**RAY, "batch_size": 2, "address": address})
@@ -146,8 +177,6 @@ def _wait_for_a_commit(parts, exited):
 
 def test_an_actor_killed_mid_run_loses_no_row_and_repeats_none(ray_cluster, local_records,
                                                                smollm2_dir, tmp_path):
-    from sglbatch.jobs.ray_executor import RayJobRunner
-
     job = _ray_job(tmp_path, smollm2_dir, ray={**RAY, "batch_size": 2})
     failure = []
     run = threading.Thread(target=lambda: _catch(failure, RayJobRunner(job).run))
@@ -170,8 +199,6 @@ def _catch(failure, fn):
 
 def test_processor_adds_text_meta_info_and_error_columns(ray_cluster, local_records,
                                                          smollm2_dir):
-    import json
-
     from sglbatch.ray import SglbatchProcessor
 
     processor = SglbatchProcessor(
@@ -219,3 +246,8 @@ def test_spec_ray_section(smollm2_dir, tmp_path):
                                 model=None, endpoint={"url": "http://localhost:1"})
     with pytest.raises(SpecError, match="executor: ray runs in-process engines"):
         load_jobs(endpoint)
+    uri = write_prompt_job(tmp_path, smollm2_dir, [], input={"path": "s3://bucket/q/*.jsonl"})
+    with pytest.raises(SpecError, match="input.path: a URI input is read on a Ray cluster"):
+        load_jobs(uri)
+    [remote] = load_jobs(uri, executor="ray")
+    assert (remote.input.uri, remote.input.format) == ("s3://bucket/q/*.jsonl", "jsonl")
