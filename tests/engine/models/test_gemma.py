@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.models.tiny_check import build_tiny, check_greedy, check_logits
+from tests.engine.models.tiny_check import MatchesOverTwoRanks, build_tiny
 
 SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
@@ -37,20 +37,8 @@ def tiny(request, tmp_path_factory, smollm2_dir):
     return build_tiny(factory, tmp_path_factory.mktemp(f"tiny-{request.param}"), smollm2_dir)
 
 
-def test_last_logits_match_transformers(tiny):
-    check_logits(tiny)
-
-
-def test_greedy_matches_transformers(tiny):
-    check_greedy(tiny)
-
-
-def test_greedy_with_chunked_prefill_matches_transformers(tiny):
-    check_greedy(tiny, chunked_prefill_size=16)
-
-
-def test_greedy_over_two_ranks_matches_transformers(tiny):
-    check_greedy(tiny, tp_size=2, chunked_prefill_size=16)
+class TestGemma(MatchesOverTwoRanks):
+    pass
 
 
 def _config(**hf):

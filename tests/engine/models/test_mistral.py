@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 from sglbatch.engine.models.llama import LlamaForCausalLM
-from tests.engine.models.tiny_check import build_tiny, check_greedy, check_logits, engine_greedy
+from tests.engine.models.tiny_check import MatchesTransformers, engine_greedy, tiny_fixture
 
 
 def _mistral():
@@ -21,21 +19,11 @@ def _mistral():
         sliding_window=16))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2_dir):
-    return build_tiny(_mistral, tmp_path_factory.mktemp("tiny-mistral"), smollm2_dir)
+tiny = tiny_fixture(_mistral)
 
 
-def test_last_logits_match_transformers(tiny):
-    check_logits(tiny)
-
-
-def test_greedy_matches_transformers(tiny):
-    check_greedy(tiny)
-
-
-def test_greedy_with_chunked_prefill_matches_transformers(tiny):
-    check_greedy(tiny, chunked_prefill_size=16)
+class TestMistral(MatchesTransformers):
+    pass
 
 
 def test_without_the_window_tokens_differ_from_transformers(tiny, monkeypatch):

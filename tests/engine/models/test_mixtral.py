@@ -3,9 +3,7 @@ transformers on a tiny random checkpoint, also over two tensor-parallel ranks.""
 
 from __future__ import annotations
 
-import pytest
-
-from tests.engine.models.tiny_check import build_tiny, check_greedy, check_logits
+from tests.engine.models.tiny_check import MatchesOverTwoRanks, tiny_fixture
 
 
 def _mixtral():
@@ -18,22 +16,8 @@ def _mixtral():
         tie_word_embeddings=False))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2_dir):
-    return build_tiny(_mixtral, tmp_path_factory.mktemp("tiny-mixtral"), smollm2_dir)
+tiny = tiny_fixture(_mixtral)
 
 
-def test_last_logits_match_transformers(tiny):
-    check_logits(tiny)
-
-
-def test_greedy_matches_transformers(tiny):
-    check_greedy(tiny)
-
-
-def test_greedy_with_chunked_prefill_matches_transformers(tiny):
-    check_greedy(tiny, chunked_prefill_size=16)
-
-
-def test_greedy_over_two_ranks_matches_transformers(tiny):
-    check_greedy(tiny, tp_size=2)
+class TestMixtral(MatchesOverTwoRanks):
+    pass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.models.tiny_check import build_tiny, check_greedy, check_logits
+from tests.engine.models.tiny_check import MatchesOverTwoRanks, build_tiny
 
 ORIGINAL_MAX = {"short": 128, "long": 16}
 SERVED = {"short": {"context_length": 128}, "long": {}}  # long: the checkpoint's 512
@@ -34,26 +34,9 @@ def _phi3(kind: str):
 def tiny(request, tmp_path_factory, smollm2_dir):
     kind = request.param
     lens = (5, 23, 41, 70) if kind == "short" else (23, 41, 70)  # long: all past 16
-    model = build_tiny(lambda: _phi3(kind), tmp_path_factory.mktemp(f"tiny-phi3-{kind}"),
-                       smollm2_dir, prompt_lens=lens)
-    return model, SERVED[kind]
+    return build_tiny(lambda: _phi3(kind), tmp_path_factory.mktemp(f"tiny-phi3-{kind}"),
+                      smollm2_dir, prompt_lens=lens, engine_args=SERVED[kind])
 
 
-def test_last_logits_match_transformers(tiny):
-    model, served = tiny
-    check_logits(model, **served)
-
-
-def test_greedy_matches_transformers(tiny):
-    model, served = tiny
-    check_greedy(model, **served)
-
-
-def test_greedy_with_chunked_prefill_matches_transformers(tiny):
-    model, served = tiny
-    check_greedy(model, chunked_prefill_size=16, **served)
-
-
-def test_greedy_over_two_ranks_matches_transformers(tiny):
-    model, served = tiny
-    check_greedy(model, tp_size=2, chunked_prefill_size=16, **served)
+class TestPhi3(MatchesOverTwoRanks):
+    pass

@@ -5,9 +5,7 @@ and the shared expert's columns split)."""
 
 from __future__ import annotations
 
-import pytest
-
-from tests.engine.models.tiny_check import build_tiny, check_greedy, check_logits
+from tests.engine.models.tiny_check import MatchesOverTwoRanks, tiny_fixture
 
 
 def _qwen2_moe():
@@ -22,9 +20,7 @@ def _qwen2_moe():
         tie_word_embeddings=False))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2_dir):
-    return build_tiny(_qwen2_moe, tmp_path_factory.mktemp("tiny-qwen2-moe"), smollm2_dir)
+tiny = tiny_fixture(_qwen2_moe)
 
 
 def test_config_is_what_the_test_means(tiny):
@@ -33,17 +29,5 @@ def test_config_is_what_the_test_means(tiny):
     assert config.layer_types == ["sliding_attention", "full_attention", "full_attention"]
 
 
-def test_last_logits_match_transformers(tiny):
-    check_logits(tiny)
-
-
-def test_greedy_matches_transformers(tiny):
-    check_greedy(tiny)
-
-
-def test_greedy_with_chunked_prefill_matches_transformers(tiny):
-    check_greedy(tiny, chunked_prefill_size=16)
-
-
-def test_greedy_over_two_ranks_matches_transformers(tiny):
-    check_greedy(tiny, tp_size=2)
+class TestQwen2Moe(MatchesOverTwoRanks):
+    pass

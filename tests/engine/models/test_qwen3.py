@@ -3,13 +3,10 @@ without it over two tensor-parallel ranks) matches transformers on tiny random c
 
 from __future__ import annotations
 
-import pytest
-
 from tests.engine.models.tiny_check import (
-    build_tiny,
-    check_greedy,
-    check_logits,
+    MatchesTransformers,
     check_matches_transformers,
+    tiny_fixture,
 )
 
 
@@ -23,21 +20,11 @@ def _qwen3(windowed: bool = True):
         tie_word_embeddings=False))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2_dir):
-    return build_tiny(_qwen3, tmp_path_factory.mktemp("tiny-qwen3"), smollm2_dir)
+tiny = tiny_fixture(_qwen3)
 
 
-def test_last_logits_match_transformers(tiny):
-    check_logits(tiny)
-
-
-def test_greedy_matches_transformers(tiny):
-    check_greedy(tiny)
-
-
-def test_greedy_with_chunked_prefill_matches_transformers(tiny):
-    check_greedy(tiny, chunked_prefill_size=16)
+class TestQwen3(MatchesTransformers):
+    pass
 
 
 def test_without_window_over_two_ranks_matches_transformers(tmp_path, smollm2_dir):

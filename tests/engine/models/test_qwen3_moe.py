@@ -4,9 +4,7 @@ checkpoint."""
 
 from __future__ import annotations
 
-import pytest
-
-from tests.engine.models.tiny_check import build_tiny, check_greedy, check_logits
+from tests.engine.models.tiny_check import MatchesTransformers, tiny_fixture
 
 
 def _qwen3_moe():
@@ -20,18 +18,8 @@ def _qwen3_moe():
         tie_word_embeddings=False))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2_dir):
-    return build_tiny(_qwen3_moe, tmp_path_factory.mktemp("tiny-qwen3-moe"), smollm2_dir)
+tiny = tiny_fixture(_qwen3_moe)
 
 
-def test_last_logits_match_transformers(tiny):
-    check_logits(tiny)
-
-
-def test_greedy_matches_transformers(tiny):
-    check_greedy(tiny)
-
-
-def test_greedy_with_chunked_prefill_matches_transformers(tiny):
-    check_greedy(tiny, chunked_prefill_size=16)
+class TestQwen3Moe(MatchesTransformers):
+    pass

@@ -6,7 +6,9 @@
     check_greedy(tiny, chunked_prefill_size=16)     # the same, prompts chunked
     check_greedy(tiny, tp_size=2)                   # the same over two gloo ranks
 
-or all of them at once with `check_matches_transformers`. Everything runs in fp32 on the CPU
+or all of them at once with `check_matches_transformers`. A family's test module gets the
+first three as tests by subclassing `MatchesTransformers` (and the tp run with
+`MatchesOverTwoRanks`) and giving a `tiny` fixture. Everything runs in fp32 on the CPU
 with the torch attention backend (the oracle). Prompts are longer than a 16-32 token sliding
 window so windowed layers are tested past it; the second greedy batch shares a 40-token
 prefix, so it is served from the radix cache and decodes through the shared-prefix (cascade)
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -40,6 +43,7 @@ class Tiny:
     path: Path
     prompts: list[list[int]]  # ragged, one batch
     shared_prompts: list[list[int]]  # a common prefix (cached by the first batch's last prompt)
+    engine_args: dict = field(default_factory=dict)  # every engine of the checks gets these
     _hf_greedy: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
 
     def hf_greedy(self, prompt: list[int]) -> list[int]:
@@ -57,7 +61,8 @@ class Tiny:
 
 
 def build_tiny(hf_model_factory: Callable[[], nn.Module], path: Path, tokenizer_dir: Path,
-               seed: int = 0, prompt_lens: tuple[int, ...] = PROMPT_LENS) -> Tiny:
+               seed: int = 0, prompt_lens: tuple[int, ...] = PROMPT_LENS,
+               engine_args: dict | None = None) -> Tiny:
     """`hf_model_factory()` (a transformers model built from its config) with every parameter
     random, norms and biases included (a dropped bias or a norm's weight read wrongly cannot
     pass), saved to `path` with a tokenizer (any: the tests send token ids). The last of
@@ -79,14 +84,15 @@ def build_tiny(hf_model_factory: Callable[[], nn.Module], path: Path, tokenizer_
 
     prompts = [randoms(n) for n in prompt_lens]
     prefix = prompts[-1][:SHARED_PREFIX_LEN]
-    return Tiny(hf, Path(path), prompts, [prefix + randoms(n) for n in SUFFIX_LENS])
+    return Tiny(hf, Path(path), prompts, [prefix + randoms(n) for n in SUFFIX_LENS],
+                engine_args or {})
 
 
 def _engine(tiny: Tiny, **engine_args):
     from sglbatch.engine.engine import Engine
 
     args = {"dtype": "float32", "attention_backend": "torch", "max_total_tokens": 2048,
-            **engine_args}
+            **tiny.engine_args, **engine_args}
     return Engine(model_path=str(tiny.path), **args)
 
 
@@ -124,7 +130,7 @@ def last_logits(tiny: Tiny, prompts: list[list[int]], **engine_args) -> torch.Te
     from sglbatch.engine.sampling_params import SamplingParams
 
     args = {"dtype": "float32", "attention_backend": "torch", "max_total_tokens": 1024,
-            "max_running_requests": len(prompts), **engine_args}
+            "max_running_requests": len(prompts), **tiny.engine_args, **engine_args}
     config = EngineConfig(model_path=str(tiny.path), **args)
     runner = ModelRunner(config, tiny.path)
     reqs = []
@@ -159,3 +165,33 @@ def check_matches_transformers(hf_model_factory: Callable[[], nn.Module], path: 
     check_greedy(tiny, chunked_prefill_size=16, **engine_args)
     if tp_size > 1:
         check_greedy(tiny, tp_size=tp_size, **engine_args)
+
+
+def tiny_fixture(hf_model_factory: Callable[[], nn.Module]) -> Callable:
+    """A module-scoped `tiny` fixture over one model (`tiny = tiny_fixture(factory)`)."""
+
+    @pytest.fixture(scope="module")
+    def tiny(tmp_path_factory, smollm2_dir) -> Tiny:
+        return build_tiny(hf_model_factory, tmp_path_factory.mktemp("tiny"), smollm2_dir)
+
+    return tiny
+
+
+class MatchesTransformers:
+    """The checks every family passes, as tests of a subclass whose module has a `tiny`."""
+
+    def test_last_logits_match_transformers(self, tiny: Tiny) -> None:
+        check_logits(tiny)
+
+    def test_greedy_matches_transformers(self, tiny: Tiny) -> None:
+        check_greedy(tiny)
+
+    def test_greedy_with_chunked_prefill_matches_transformers(self, tiny: Tiny) -> None:
+        check_greedy(tiny, chunked_prefill_size=16)
+
+
+class MatchesOverTwoRanks(MatchesTransformers):
+    """The same, plus greedy tokens over two tensor-parallel (gloo) ranks."""
+
+    def test_greedy_over_two_ranks_matches_transformers(self, tiny: Tiny) -> None:
+        check_greedy(tiny, tp_size=2, chunked_prefill_size=16)
