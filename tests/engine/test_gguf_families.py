@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from sglbatch.engine.model_source import resolve_model_path
+from tests.engine.test_model_source import TOKENS, add_tiny_tokenizer
 
-TOKENS = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-TOKENS += ["Ġ", "ab", "Ġa"]
 TINY = dict(vocab_size=len(TOKENS), hidden_size=64, intermediate_size=96, num_attention_heads=4,
             num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=None)
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -128,13 +127,7 @@ def write_llamacpp_gguf(model, path: Path, *, rope_freqs: np.ndarray | None = No
     if arch == "llama":
         w.add_vocab_size(cfg.vocab_size)
         w.add_rope_dimension_count(cfg.head_dim)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(TOKENS)
-    w.add_token_types([3, 3, 3] + [1] * (len(TOKENS) - 3))
-    w.add_token_merges(["a b", "Ġ a"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_tiny_tokenizer(w)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
     for name, tensor in model.state_dict().items():

@@ -19,13 +19,27 @@ def _source_gguf(model_dir: Path) -> Path:
     return Path(json.loads((model_dir / "sglbatch_source.json").read_text())["source"])
 
 
+# A byte-level BPE vocabulary small enough for tiny GGUFs: <unk> <s> </s>, a-z, and merges.
+TOKENS = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+TOKENS += ["Ġ", "ab", "Ġa"]
+
+
+def add_tiny_tokenizer(w: gguf.GGUFWriter) -> None:
+    """TOKENS as llama.cpp writes a GPT-2 style tokenizer, BOS 1 and EOS 2."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(TOKENS)
+    w.add_token_types([3, 3, 3] + [1] * (len(TOKENS) - 3))
+    w.add_token_merges(["a b", "Ġ a"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+
 def _write_tiny_gguf(path: Path, arch: str, *, tie: bool = True, layers: int = 2) -> None:
     """A tiny random float32 GGUF with a byte-level BPE tokenizer, as llama.cpp would write it."""
     rng = np.random.default_rng(0)
     hidden, heads, kv, ffn = 32, 4, 2, 48
     head_dim = hidden // heads
-    tokens = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    tokens += ["Ġ", "ab", "Ġa"]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(layers)
     w.add_context_length(128)
@@ -35,22 +49,16 @@ def _write_tiny_gguf(path: Path, arch: str, *, tie: bool = True, layers: int = 2
     w.add_head_count_kv(kv)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-    w.add_token_merges(["a b", "Ġ a"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    add_tiny_tokenizer(w)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
 
     def tensor(name: str, *shape: int) -> None:
         w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
 
-    tensor("token_embd.weight", len(tokens), hidden)
+    tensor("token_embd.weight", len(TOKENS), hidden)
     tensor("output_norm.weight", hidden)
     if not tie:
-        tensor("output.weight", len(tokens), hidden)
+        tensor("output.weight", len(TOKENS), hidden)
     for i in range(layers):
         p = f"blk.{i}."
         tensor(p + "attn_norm.weight", hidden)

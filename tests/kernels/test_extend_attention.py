@@ -21,19 +21,23 @@ CASES = [
 ]
 
 
+def _new_tokens(tokens, kv_heads, group, head_dim, dtype):
+    """Random q, k, v of the new tokens (q with `group` heads per KV head)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(heads):
+        return torch.randn(tokens, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+
+    return rand(kv_heads * group), rand(kv_heads), rand(kv_heads)
+
+
 @pytest.mark.parametrize("prefix_lens,extend_lens,kv_heads,group,head_dim,dtype", CASES)
 def test_extend_attention_matches_reference(prefix_lens, extend_lens, kv_heads, group,
                                             head_dim, dtype):
     from sglbatch.kernels.extend_attention import extend_attention, extend_attention_reference
 
     r = ragged_batch(prefix_lens, extend_lens, kv_heads, head_dim, dtype, seed=len(prefix_lens))
-    gen = torch.Generator().manual_seed(0)
-    tokens = sum(extend_lens)
-
-    def rand(heads):
-        return torch.randn(tokens, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-
-    q, k, v = rand(kv_heads * group), rand(kv_heads), rand(kv_heads)
+    q, k, v = _new_tokens(sum(extend_lens), kv_heads, group, head_dim, dtype)
     args = (q, k, v, r.k_buf, r.v_buf, r.req_to_token, r.req_pool_indices, r.prefix_lens,
             r.extend_lens, r.extend_start, head_dim ** -0.5)
     with DeviceCheck() as check:  # both run on q's device, whatever it is
@@ -69,13 +73,7 @@ def test_extend_attention_window_softcap_scale(prefix_lens, extend_lens, kv_head
     from sglbatch.kernels.extend_attention import extend_attention, extend_attention_reference
 
     r = ragged_batch(prefix_lens, extend_lens, kv_heads, head_dim, dtype, seed=len(prefix_lens))
-    gen = torch.Generator().manual_seed(0)
-    tokens = sum(extend_lens)
-
-    def rand(heads):
-        return torch.randn(tokens, heads, head_dim, generator=gen).to(dtype).to(DEVICE)
-
-    q, k, v = rand(kv_heads * group), rand(kv_heads), rand(kv_heads)
+    q, k, v = _new_tokens(sum(extend_lens), kv_heads, group, head_dim, dtype)
     args = (q, k, v, r.k_buf, r.v_buf, r.req_to_token, r.req_pool_indices, r.prefix_lens,
             r.extend_lens, r.extend_start, 0.3)
     with DeviceCheck() as check:
