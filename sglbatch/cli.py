@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from sglbatch.bench import offline, one_batch, profile, serving
+from sglbatch.bench import offline, one_batch, profile, serving, step_cost
 from sglbatch.cli_base import Command, Group
 from sglbatch.config_flags import dataclass_kwargs, dataclass_options
 from sglbatch.engine.config import EngineConfig
@@ -82,6 +82,11 @@ def _cmd_bench_serving(args: SimpleNamespace) -> int:
 
 def _cmd_bench_one_batch(args: SimpleNamespace) -> int:
     one_batch.run(args, engine_kwargs(args))
+    return 0
+
+
+def _cmd_bench_step_cost(args: SimpleNamespace) -> int:
+    step_cost.run(args, engine_kwargs(args))
     return 0
 
 
@@ -203,6 +208,14 @@ bench.add_command(_command(
                 "the whole batch, then greedy decode steps; reports prefill latency and "
                 "throughput, the median decode step and its throughput, and the total. "
                 "--correct prints greedy outputs of fixed prompts instead."))
+bench.add_command(_command(
+    "step-cost", _cmd_bench_step_cost, {**step_cost.SECTIONS, **ENGINE_OPTIONS},
+    summary="the engine's own cost per decode step, with a no-op model",
+    description="Replaces the model's forward by a no-op (zero hidden states, fixed random "
+                "logits; the sampler still runs) and, for each --batch-size, times decode steps "
+                "at that batch size: the median step, the no-op forward, the engine's cost "
+                "(the difference), and its split into scheduling, preparing the inputs, "
+                "sampling, output processing and Python, from a torch profiler trace."))
 bench.add_command(_command(
     "serving", _cmd_bench_serving, serving.SECTIONS,
     summary="online serving benchmark against a running server (as SGLang's bench_serving)",

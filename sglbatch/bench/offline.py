@@ -1,5 +1,12 @@
 """`sglbatch bench offline`: the in-process engine over a workload, optionally against
-transformers `generate` on the same requests in the same run."""
+transformers `generate` on the same requests in the same run.
+
+MFU (model FLOPs utilisation): the tokens the model computed (prompt tokens not served from
+the prefix cache, plus output tokens) times the model's FLOPs per token (its linear layers),
+per second of the run, as a share of the matmul rate measured in the same run.
+`--breakdown` runs the workload a second time with the engine thread profiled and divides
+its step time among linear layers, attention, gathers, sampling, scheduling... (see
+`sglbatch.bench.breakdown`)."""
 
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ from typing import Any
 import click
 
 from sglbatch.bench import datasets
+from sglbatch.bench.breakdown import print_breakdown, profile_steps, step_breakdown
 from sglbatch.bench.ceiling import decode_ceiling
 from sglbatch.bench.datasets import BenchRequest
 from sglbatch.engine.api_types import GenerateRequest
@@ -27,6 +35,14 @@ SECTIONS = {"Options": [
                  help="batch sizes tried for the baseline; the best counts (default: 16,64,128)"),
     click.Option(["--output-file"], type=click.Path(path_type=Path),
                  help="append a JSONL result record here"),
+    click.Option(["--breakdown"], is_flag=True,
+                 help="run the workload again under the torch profiler and print the share "
+                      "of engine step time in linear layers, attention, gathers and KV "
+                      "writes, sampling, scheduling and Python (recorded as `breakdown`; the "
+                      "trace goes to $SGLBATCH_TORCH_PROFILER_DIR or the temp dir)"),
+    click.Option(["--breakdown-steps"], type=int, default=256, show_default=True,
+                 help="profile at most this many engine steps (the first ones) for "
+                      "--breakdown"),
 ]}
 
 
@@ -34,10 +50,14 @@ def build_requests(args: SimpleNamespace, engine: Any) -> list[BenchRequest]:
     return datasets.build_requests(args, engine.tokenizer, engine.info.vocab_size)
 
 
-def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, float]:
-    batch = [GenerateRequest(input_ids=r.input_ids, sampling_params=SamplingParams(
+def generate_requests(requests: list[BenchRequest]) -> list[GenerateRequest]:
+    return [GenerateRequest(input_ids=r.input_ids, sampling_params=SamplingParams(
         temperature=0, max_new_tokens=r.output_len, ignore_eos=r.ignore_eos, stop=list(r.stop)))
         for r in requests]
+
+
+def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, float]:
+    batch = generate_requests(requests)
     engine.run([GenerateRequest(input_ids=[100, 200, 300],  # warm-up
                                 sampling_params=SamplingParams(max_new_tokens=2))])
     engine.flush_cache()
@@ -56,6 +76,7 @@ def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, float]:
         "input_throughput": prompt_tokens / elapsed,
         "output_throughput": output_tokens / elapsed,
         "cache_hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
+        "computed_tokens": prompt_tokens - cached + output_tokens,
     }
 
 
@@ -72,6 +93,14 @@ def run(args: SimpleNamespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
         requests = build_requests(args, engine)
         with console.status(f"sglbatch: {len(requests)} requests..."):
             result = run_engine(engine, requests)
+        breakdown = None
+        if args.breakdown:
+            with console.status("sglbatch: the same requests under the profiler..."):
+                engine.flush_cache()  # as the timed run: nothing cached
+                trace_path = profile_steps(
+                    engine, lambda: engine.run(generate_requests(requests)),
+                    args.breakdown_steps)
+                breakdown = step_breakdown(trace_path)
         info = engine.info
     model_dir, dtype, device = Path(info.model_dir), getattr(torch, info.dtype), info.device
     # Measured with the engine's thread gone: two threads running torch at once slow each other.
@@ -81,7 +110,11 @@ def run(args: SimpleNamespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
         "backend": "sglbatch", **dataset_args, "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "engine_args": engine_kwargs, **result, "compute_ceiling": ceiling,
-        "fraction_of_ceiling": result["output_throughput"] / ceiling["ceiling_tokens_per_s"]}
+        "fraction_of_ceiling": result["output_throughput"] / ceiling["ceiling_tokens_per_s"],
+        "mfu": (result["computed_tokens"] * info.flops_per_token / result["duration"]
+                / (ceiling["matmul_gflops"] * 1e9))}
+    if breakdown is not None:
+        record["breakdown"] = breakdown
     if args.baseline == "transformers":
         record["baseline"] = _run_transformers(console, model_dir, dtype, device, requests,
                                                args.baseline_batch_sizes)
@@ -91,6 +124,9 @@ def run(args: SimpleNamespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
         record["speedup_vs_baseline"] = (
             result["output_throughput"] / record["baseline"]["output_throughput"])
     _print_table(console, record)
+    if breakdown is not None:
+        print_breakdown(console, breakdown, "bench offline --breakdown: share of engine step "
+                                            "time")
     if args.output_file:
         with args.output_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -149,6 +185,11 @@ def _print_table(console: Any, record: dict[str, Any]) -> None:
                   f"{ceiling['model_mflops_per_token']:.0f} MFLOP per token)",
                   f"{ceiling['ceiling_tokens_per_s']:.0f} tok/s")
     table.add_row("output throughput / ceiling", f"{record['fraction_of_ceiling']:.1%}")
+    table.add_row("MFU (prompt - cached + output tokens, of the matmul rate)",
+                  f"{record['mfu']:.1%}")
+    if record["mfu"] > 1:
+        table.caption = ("MFU over 100%: the matmul rate was measured under more load than "
+                         "the run had (a shared machine?)")
     if "baseline" in record:
         base = record["baseline"]
         batch = f" (batch {base['best_batch_size']})" if "best_batch_size" in base else ""

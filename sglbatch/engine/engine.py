@@ -343,10 +343,22 @@ class Engine(EngineClient):
 
     def step(self) -> None:
         """One scheduling step: run a batch, then hand out tokens and finished requests."""
+        # The whole step in one range, which `bench offline --breakdown` divides among its
+        # parts; a profile stops after it, so its last step is whole in the trace.
+        with trace_range("sglbatch.step"):
+            ran = self._step()
+        if ran and self._profile is not None and self._profile.step():  # num_steps reached
+            try:
+                self._stop_profile()
+            except Exception:  # a failed export must not fail the requests
+                logger.exception("writing the profile failed")
+
+    def _step(self) -> bool:
+        """Whether a batch ran through (a profile counts those steps)."""
         with trace_range("sglbatch.schedule"):
             batch = self.scheduler.schedule()
         if batch is None:
-            return
+            return False
         try:
             result = self.model_runner.forward_and_sample(batch)
         except Exception as error:  # scheduler state is as schedule() left it: recoverable
@@ -354,7 +366,7 @@ class Engine(EngineClient):
                              "request(s)", len(batch.reqs))
             self._fail_batch(batch, _error_message(error))
             self._count_failure(error)
-            return
+            return False
         self._consecutive_failures = 0
         with trace_range("sglbatch.process_output"):
             for req in self.scheduler.process_output(batch, result):
@@ -362,11 +374,7 @@ class Engine(EngineClient):
                 self.output.on_step(self._tracked[req.rid])
             for req in self.scheduler.release_finished():
                 self._finish(req)
-        if self._profile is not None and self._profile.step():  # num_steps reached
-            try:
-                self._stop_profile()
-            except Exception:  # a failed export must not fail the requests
-                logger.exception("writing the profile failed")
+        return True
 
     # ---- failures (engine thread) -------------------------------------------------------
 

@@ -60,7 +60,8 @@ def test_iter_json_array_stops_cleanly_at_a_truncated_record():
                   "4", "--sharegpt-context-len", "128"], id="sharegpt"),
     pytest.param(["--dataset-name", "generated-shared-prefix", "--gsp-num-groups", "2",
                   "--gsp-prompts-per-group", "3", "--gsp-system-prompt-len", "64",
-                  "--gsp-question-len", "8", "--gsp-output-len", "4"], id="generated-shared-prefix"),
+                  "--gsp-question-len", "8", "--gsp-output-len", "4"],
+                 id="generated-shared-prefix"),
     pytest.param(["--dataset-name", "gsm8k", "--dataset-path", str(SHARED_GSM8K),
                   "--num-prompts", "3", "--num-shots", "2", "--gsm8k-output-len", "24"],
                  id="gsm8k"),
@@ -80,3 +81,21 @@ def test_bench_offline_datasets(smollm2_dir, tmp_path, dataset_args):
     if rec["dataset_name"] == "gsm8k":
         assert rec["cache_hit_rate"] > 0.3  # the 2-shot prefix is shared
         assert rec["total_output_tokens"] <= 3 * 24
+
+
+def test_bench_offline_breakdown_and_mfu(smollm2_dir, tmp_path, monkeypatch):
+    from sglbatch.bench.breakdown import CATEGORIES
+
+    monkeypatch.setenv("SGLBATCH_TORCH_PROFILER_DIR", str(tmp_path / "traces"))
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "offline", "--model-path", str(smollm2_dir), "--kv-cache-gb", "0.05",
+                 "--num-prompts", "3", "--random-input-len", "16", "--random-output-len", "3",
+                 "--breakdown", "--breakdown-steps", "2", "--output-file", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert 0 < rec["mfu"] <= 1
+    breakdown = rec["breakdown"]
+    assert breakdown["steps"] == 2  # a prefill and a decode step, of 3
+    assert set(breakdown["shares"]) == set(CATEGORIES)
+    assert sum(breakdown["shares"].values()) == pytest.approx(1.0)
+    assert all(share > 0 for share in breakdown["shares"].values()), breakdown["shares"]
+    assert sum(breakdown["ms_per_step"].values()) == pytest.approx(breakdown["step_ms"])
