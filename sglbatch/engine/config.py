@@ -77,6 +77,10 @@ class EngineConfig:
                 "shortest_queue or random"})
     base_gpu_id: int = field(default=0, metadata={
         "help": "CUDA: the first GPU to use; replica r, rank t uses base_gpu_id + r * tp_size + t"})
+    enable_deterministic_inference: bool = field(default=False, metadata={
+        "help": "batch-invariant attention: greedy outputs do not depend on the other "
+                "requests in the batch, on chunked prefill or on the prefix cache (slower; "
+                "on the CPU the packed linear layers are batch-invariant already)"})
     random_seed: int = field(default=0, metadata={"help": "seed for requests without one"})
     num_threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's choice)"})
@@ -95,6 +99,10 @@ class EngineConfig:
         if self.attention_backend == "cpu" and self.device != "cpu":
             raise ValueError("attention_backend='cpu' runs on device='cpu' only, "
                              f"got device={self.device!r}")
+        if self.enable_deterministic_inference and self.attention_backend != "auto":
+            raise ValueError("enable_deterministic_inference brings its own batch-invariant "
+                             f"attention; leave attention_backend at auto, got "
+                             f"{self.attention_backend!r}")
         if self.attention_backend == "flashinfer" and self.device != "cuda":
             raise ValueError("attention_backend='flashinfer' needs device='cuda', "
                              f"got device={self.device!r}")

@@ -24,7 +24,7 @@ from sglbatch.engine.config import EngineConfig, ModelConfig
 from sglbatch.engine.cuda_graph import CudaGraphRunner
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
 from sglbatch.engine.layers.compile import compile_elementwise
-from sglbatch.engine.layers.linear import pack_linears
+from sglbatch.engine.layers.linear import make_batch_invariant, pack_linears
 from sglbatch.engine.layers.moe import pack_experts
 from sglbatch.engine.layers.norm import use_fused_kernel
 from sglbatch.engine.loader import load_weights
@@ -71,6 +71,8 @@ class ModelRunner:
         if self.device.type == "cpu":
             pack_linears(self.model)
             pack_experts(self.model)
+            if config.enable_deterministic_inference:
+                make_batch_invariant(self.model)
         elif is_installed("triton"):
             use_fused_kernel(self.model)  # residual add + RMSNorm in one kernel
         if config.enable_torch_compile:
@@ -91,6 +93,7 @@ class ModelRunner:
                            mirrored=peers is not None),
             radix_cache=not config.disable_radix_cache and rank == 0)
         self.attn_backend = create_attention_backend(
+            "deterministic" if config.enable_deterministic_inference else
             config.attention_backend, config.device, self.kv_pool, self.shard.num_q_heads,
             self.shard.num_kv_heads, mc.head_dim, self.model.attention_layers())
         self.cuda_graph = self._capture_cuda_graphs()
@@ -158,7 +161,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_and_sample(self, batch: Batch) -> StepResult:
-        inputs, targets = self.step_inputs(batch)
+        with trace_range("sglbatch.prepare"):
+            inputs, targets = self.step_inputs(batch)
         # Every collective of the step (the forward, then the input logprobs' logits) comes
         # before sampling, so a failed sample leaves the ranks in step.
         with self._in_step():
@@ -189,7 +193,8 @@ class ModelRunner:
         """(hidden states of every new token, logits at each request's last one or at every
         token; None on ranks other than 0)."""
         with trace_range(_FORWARD_RANGES[inputs.mode]):
-            fb = inputs.to_forward_batch(self.device, self.req_to_token_pool.table)
+            with trace_range("sglbatch.prepare"):
+                fb = inputs.to_forward_batch(self.device, self.req_to_token_pool.table)
             hidden = self._hidden_states(fb)
             rows = hidden if inputs.all_logits else hidden[fb.last_token_indices]
             return hidden, self.model.compute_logits(rows)
@@ -197,7 +202,8 @@ class ModelRunner:
     def _hidden_states(self, fb: ForwardBatch) -> torch.Tensor:
         if self.cuda_graph is not None and self.cuda_graph.can_run(fb):
             return self.cuda_graph.replay(fb)
-        self.attn_backend.init_forward_metadata(fb)
+        with trace_range("sglbatch.prepare"):
+            self.attn_backend.init_forward_metadata(fb)
         return self.model(fb.input_ids, fb.positions, fb, self.attn_backend)
 
     def _send(self, inputs: StepInputs) -> None:

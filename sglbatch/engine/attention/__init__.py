@@ -36,8 +36,12 @@ def resolve_backend_name(name: str, device: str, dtype: torch.dtype | None = Non
 def create_attention_backend(name: str, device: str, kv_pool: KVPool, num_heads: int,
                              num_kv_heads: int, head_dim: int,
                              layers: Sequence[LayerAttention] | None = None) -> AttentionBackend:
-    name = resolve_backend_name(name, device, kv_pool.k_buffers[0].dtype)
     args = (kv_pool, num_heads, num_kv_heads, head_dim, layers)
+    if name == "deterministic":  # enable_deterministic_inference, on any device
+        from sglbatch.engine.attention.deterministic import DeterministicBackend
+
+        return DeterministicBackend(*args)
+    name = resolve_backend_name(name, device, kv_pool.k_buffers[0].dtype)
     if name == "cpu":
         from sglbatch.engine.attention.cpu import CpuBackend
 

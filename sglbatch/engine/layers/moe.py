@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglbatch.engine.layers.activation import silu_and_mul
+from sglbatch.engine.layers.linear import pack_weight, packed_linear
 from sglbatch.engine.trace import trace_range
 
 if TYPE_CHECKING:
@@ -87,15 +88,6 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
-
-
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    # The batch-size hint only picks a layout variant (see layers/linear.py).
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 64)
-
-
 class FusedExperts(nn.Module):
     """`num_experts` SwiGLU MLPs, stacked; forward(x, weights, ids) sums each token's picks."""
 
@@ -110,6 +102,7 @@ class FusedExperts(nn.Module):
         # None: the Triton kernel on CUDA when triton is installed; True forces it (tests
         # run it under TRITON_INTERPRET=1), False the torch path.
         self.use_kernel: bool | None = None
+        self.min_rows = 1  # rows of the packed GEMMs; see layers/linear.make_batch_invariant
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
                 ) -> torch.Tensor:
@@ -126,12 +119,14 @@ class FusedExperts(nn.Module):
         if self.packed is None:
             return F.linear(self.act(F.linear(rows, self.w13[e])), self.w2[e])
         w13, w2 = self.packed[e]
-        return _packed_linear(self.act(_packed_linear(rows, w13)), w2)
+        return packed_linear(self.act(packed_linear(rows, w13, min_rows=self.min_rows)), w2,
+                             min_rows=self.min_rows)
 
     def pack(self) -> None:
         """Prepack every expert's weights for oneDNN (CPU), as layers/linear.py's
         PackedLinear does for nn.Linear; the stacked copies are dropped, not kept twice."""
-        self.packed = [(_pack(self.w13[e]), _pack(self.w2[e])) for e in range(self.num_experts)]
+        self.packed = [(pack_weight(self.w13[e]), pack_weight(self.w2[e]))
+                       for e in range(self.num_experts)]
         self.w13 = self.w2 = None
 
 
@@ -142,8 +137,8 @@ def pack_experts(model: nn.Module) -> int:
     if not stacks or not torch.backends.mkldnn.is_available():
         return 0
     try:
-        _packed_linear(stacks[0].w13.new_zeros(1, stacks[0].w13.shape[2]),
-                       _pack(stacks[0].w13[0]))
+        packed_linear(stacks[0].w13.new_zeros(1, stacks[0].w13.shape[2]),
+                      pack_weight(stacks[0].w13[0]))
     except RuntimeError as exc:
         logger.info("experts left unpacked: oneDNN refused them (%s)", exc)
         return 0
