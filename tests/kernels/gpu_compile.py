@@ -11,13 +11,25 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
 TARGETS = {"sm_80": 80, "sm_90": 90}
 _POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
             torch.int64: "*i64", torch.int32: "*i32"}
+
+
+def compiled_rows(module: str) -> list[dict]:
+    """Run `python -m <module>` (a script printing one JSON row per compiled launch) outside
+    the interpreter, as compiling for a GPU target needs, and return its rows."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", module], cwd=Path(__file__).resolve().parents[2],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
 def record_launches(calls) -> list[tuple[object, dict]]:

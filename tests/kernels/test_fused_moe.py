@@ -5,18 +5,14 @@ compiled for real GPUs (run as `python -m tests.kernels.test_fused_moe`, as gpu_
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.device_follow import DeviceCheck, assert_all_named
+from tests.kernels.gpu_compile import compiled_rows
 from tests.kernels.ragged import DEVICE, HALF, tolerance
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _problem(tokens: int, experts: int, top_k: int, hidden: int, inter: int,
@@ -142,11 +138,7 @@ def _compile_main() -> int:
 
 
 def test_every_launch_compiles_to_cubin_for_sm80_and_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels.test_fused_moe"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    rows = compiled_rows("tests.kernels.test_fused_moe")
     assert all(row["cubin_bytes"] > 0 for row in rows)
     # What the launch would need: an A100 block gets at most 163 KiB of shared memory.
     assert max(row["shared_bytes"] for row in rows) <= 163 * 1024
