@@ -16,12 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sglbatch.engine.attention.base import AttentionBackend, LayerAttention
 from sglbatch.engine.batch import ForwardBatch
 from sglbatch.engine.config import ModelConfig
+from sglbatch.engine.layers.activation import gelu_tanh_and_mul
 from sglbatch.engine.layers.rotary import RotaryEmbedding
 from sglbatch.engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
 from sglbatch.engine.models.qwen3 import Qwen3Attention
@@ -42,11 +42,6 @@ class GemmaRMSNorm(nn.Module):
         normed = x.float()
         normed = normed * torch.rsqrt(normed.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * (1.0 + self.weight.float())).to(x.dtype)
-
-
-def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
 
 
 class Gemma3Attention(Qwen3Attention):
