@@ -40,7 +40,8 @@ SECTIONS = {"Options": [
                       "of engine step time in linear layers, attention, gathers and KV "
                       "writes, sampling, scheduling and Python (recorded as `breakdown`; the "
                       "trace goes to $SGLBATCH_TORCH_PROFILER_DIR or the temp dir)"),
-    click.Option(["--breakdown-steps"], type=int, default=256, show_default=True,
+    click.Option(["--breakdown-steps"], type=click.IntRange(min=1), default=256,
+                 show_default=True,
                  help="profile at most this many engine steps (the first ones) for "
                       "--breakdown"),
 ]}

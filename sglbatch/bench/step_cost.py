@@ -31,13 +31,13 @@ from sglbatch.engine.batch import ForwardMode
 from sglbatch.engine.sampling_params import SamplingParams
 
 SECTIONS = {"Options": [
-    MultiValueOption(["--batch-size"], type=int, default=[1, 64, 256],
+    MultiValueOption(["--batch-size"], type=click.IntRange(min=1), default=[1, 64, 256],
                      help="decode batch sizes (default: 1 64 256)"),
-    click.Option(["--input-len"], type=int, default=16, show_default=True,
+    click.Option(["--input-len"], type=click.IntRange(min=1), default=16, show_default=True,
                  help="prompt tokens of each request"),
-    click.Option(["--decode-steps"], type=int, default=64, show_default=True,
+    click.Option(["--decode-steps"], type=click.IntRange(min=1), default=64, show_default=True,
                  help="decode steps timed at each batch size"),
-    click.Option(["--profile-steps"], type=int, default=16, show_default=True,
+    click.Option(["--profile-steps"], type=click.IntRange(min=1), default=16, show_default=True,
                  help="decode steps profiled at each batch size for the split"),
     click.Option(["--output-file"], type=click.Path(path_type=Path),
                  help="append one JSONL record per batch size here"),

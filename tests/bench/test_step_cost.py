@@ -57,3 +57,14 @@ def test_bench_step_cost_tiny(smollm2_dir, tmp_path, monkeypatch):
         assert profiled["steps"] == 3
         assert profiled["ms_per_step"]["linear"] == 0  # the model is gone
         assert all(profiled["ms_per_step"][phase] > 0 for phase in PHASES)
+
+
+@pytest.mark.parametrize("args", [["bench", "step-cost", "--batch-size", "1", "0"],
+                                  ["bench", "step-cost", "--decode-steps", "0"],
+                                  ["bench", "offline", "--breakdown-steps", "0"]])
+def test_counts_below_one_are_refused_naming_the_option(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    option = args[2]
+    assert f"Invalid value for '{option}'" in capsys.readouterr().err
