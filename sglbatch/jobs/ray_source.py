@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import glob
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +81,7 @@ def plan_input(ray_data: Any, spec: InputSpec, files: InputFiles) -> InputPlan:
     counts = ray_data.read_datasource(_InputCounts(files, spec),
                                       **_READ_RESOURCES).take_all()
     by_path = {c["path"]: c for c in counts}
-    order = sorted(by_path, key=lambda p: files.paths.index(_native(p, files)))
+    order = sorted(by_path, key=_input_order(files))
     first_index, kept_before, rows, kept = {}, {}, 0, 0
     for path in order:
         first_index[path], kept_before[path] = rows, kept
@@ -99,11 +99,13 @@ def read_rows(ray_data: Any, spec: InputSpec, files: InputFiles, plan: InputPlan
                                     **_READ_RESOURCES)
 
 
-def _native(ray_path: str, files: InputFiles) -> str:
-    """Our name for a path as Ray reports it (Ray may resolve local paths)."""
-    if ray_path in files.paths:
-        return ray_path
-    return next(p for p in files.paths if Path(p).resolve() == Path(ray_path).resolve())
+def _input_order(files: InputFiles) -> Callable[[str], int]:
+    """A path's place in the input, as Ray reports the path (it may resolve local paths)."""
+    place = {path: i for i, path in enumerate(files.paths)}
+    if files.filesystem is None:
+        place |= {str(Path(path).resolve()): i for i, path in enumerate(files.paths)}
+    return lambda ray_path: place[ray_path] if ray_path in place else \
+        place[str(Path(ray_path).resolve())]
 
 
 class _InputSource(FileBasedDatasource):
