@@ -1,6 +1,7 @@
-"""C++ attention kernels for the CPU, compiled on first use and cached on disk.
+"""C++ kernels for the CPU, compiled on first use and cached on disk.
 
-They are built with the machine's own compiler (`-march=native`), so the build is keyed
+Each source in `csrc/` is its own extension module (`load(name)` builds `csrc/<name>.cpp`),
+so a kernel's change rebuilds only that module. They are built with the machine's own compiler (`-march=native`), so the build is keyed
 by the source, torch's version and the CPU's feature flags. Where no compiler works,
 `load()` returns None and the caller stays on plain torch.
 """
@@ -21,7 +22,7 @@ from sglbatch.engine.model_source import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+CSRC = Path(__file__).parent / "csrc"
 # fast-math lets the exp loop vectorize; the kernel never relies on inf or NaN arithmetic.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 # A build takes ~30 s here; a lock file this old was left by a build that was killed.
@@ -38,10 +39,10 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build_dir() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()
+def _build_dir(source: Path) -> Path:
+    key = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode()
                          + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"decode_attention-{key}"
+    path = cache_dir() / "kernels" / f"{source.stem}-{key}"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -66,20 +67,22 @@ def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
 
 
 @functools.cache
-def load() -> ModuleType | None:
-    """The compiled kernel module, or None (logged once) if it cannot be built here."""
+def load(name: str = "decode_attention") -> ModuleType | None:
+    """The compiled module of `csrc/<name>.cpp`, or None (logged once) if it cannot be
+    built here."""
     from torch.utils import cpp_extension
 
-    build_dir = _build_dir()
+    source = CSRC / f"{name}.cpp"
+    build_dir = _build_dir(source)
     clear_stale_lock(build_dir)
     if not any(build_dir.glob("*.so")):
-        logger.info("compiling the CPU attention kernel into %s (once, ~30 s)", build_dir)
+        logger.info("compiling the CPU kernel %s into %s (once, ~30 s)", name, build_dir)
     try:
         return cpp_extension.load(
-            name="sglbatch_decode_attention", sources=[str(SOURCE)],
+            name=f"sglbatch_{name}", sources=[str(source)],
             build_directory=str(build_dir),
             extra_cflags=CFLAGS, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use plain torch
-        logger.warning("CPU attention kernel unavailable (%s: %s); using the torch backend",
+        logger.warning("CPU kernel %s unavailable (%s: %s); using plain torch", name,
                        type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
         return None
