@@ -64,8 +64,8 @@ class CacheManager:
     def extend_each(self, reqs: list[Req]) -> torch.Tensor:
         """One new slot for each request (a decode step), written to their rows."""
         slots = self._alloc(len(reqs))
-        for req, slot in zip(reqs, slots):
-            self.req_to_token.write(req.req_pool_idx, req.kv_len, slot[None])
+        self.req_to_token.write_points([r.req_pool_idx for r in reqs],
+                                       [r.kv_len for r in reqs], slots)
         return slots
 
     def _alloc(self, n: int) -> torch.Tensor:

@@ -369,9 +369,11 @@ class Engine(EngineClient):
             return False
         self._consecutive_failures = 0
         with trace_range("sglbatch.process_output"):
+            tracked = self._tracked
             for req in self.scheduler.process_output(batch, result):
-                self._release_held(req)
-                self.output.on_step(self._tracked[req.rid])
+                if self._held:  # parallel samples wait for their prompt's first step
+                    self._release_held(req)
+                self.output.on_step(tracked[req.rid])
             for req in self.scheduler.release_finished():
                 self._finish(req)
         return True

@@ -96,8 +96,9 @@ class ReqToTokenPool:
     """Row `i` lists the KV slots of the request holding row `i`, position by position.
 
     `table` is what the model reads, on its device; `host` is the copy bookkeeping reads and
-    writes (the same tensor on the CPU). `write` changes the host copy and remembers the
-    span; `commit` sends every span changed since to the device in one indexed write.
+    writes (the same tensor on the CPU). `write` and `write_points` change the host copy and
+    remember the entries; `commit` sends every entry changed since to the device in one
+    indexed write.
     With `mirrored` (rank 0 of a tensor-parallel engine), `take_unsent` also hands out the
     entries changed since its last call, for the other ranks' copies of the table.
     """
@@ -108,18 +109,37 @@ class ReqToTokenPool:
         self.host = torch.zeros(shape, dtype=torch.int64, device="cpu")
         self.table = self.host if torch.device(device).type == "cpu" else \
             torch.zeros(shape, dtype=torch.int64, device=device)
-        self._changed: list[tuple[int, int, int]] = []  # (row, start, end) since commit
-        self._unsent: list[tuple[int, int, int]] | None = [] if mirrored else None
+        # (rows, cols) index tensors of the entries changed since commit / since sent.
+        self._changed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._unsent: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if mirrored else None
         self.num_rows = num_rows
         self.free_all()
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         end = start + slots.numel()
         self.host[row, start:end] = slots
+        if self._tracks_changes:
+            self._remember(torch.full((end - start,), row, dtype=torch.int64, device="cpu"),
+                           torch.arange(start, end, device="cpu"))
+
+    def write_points(self, rows: list[int], cols: list[int], slots: torch.Tensor) -> None:
+        """Entry (rows[i], cols[i]) becomes slots[i]: a decode step's one new slot per
+        request, in one indexed write."""
+        index = (torch.tensor(rows, dtype=torch.int64, device="cpu"),
+                 torch.tensor(cols, dtype=torch.int64, device="cpu"))
+        self.host[index] = slots
+        if self._tracks_changes:
+            self._remember(*index)
+
+    @property
+    def _tracks_changes(self) -> bool:
+        return self.table is not self.host or self._unsent is not None
+
+    def _remember(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
         if self.table is not self.host:
-            self._changed.append((row, start, end))
+            self._changed.append((rows, cols))
         if self._unsent is not None:
-            self._unsent.append((row, start, end))
+            self._unsent.append((rows, cols))
 
     def commit(self) -> None:
         if not self._changed:
@@ -141,16 +161,15 @@ class ReqToTokenPool:
         if self.table is not self.host:
             self._put(rows, cols, values)
 
-    def _entries(self, spans: list[tuple[int, int, int]]
+    def _entries(self, changes: list[tuple[torch.Tensor, torch.Tensor]]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not spans:
+        if not changes:
             empty = torch.zeros(0, dtype=torch.int64, device="cpu")
             return empty, empty, empty
-        rows = torch.cat([torch.full((e - s,), r, dtype=torch.int64, device="cpu")
-                          for r, s, e in spans])
-        cols = torch.cat([torch.arange(s, e, device="cpu") for _, s, e in spans])
-        # Values come from the host copy as it is now: a span written twice since the last
-        # commit carries its final slots, whichever duplicate index the device applies.
+        rows = torch.cat([r for r, _ in changes])
+        cols = torch.cat([c for _, c in changes])
+        # Values come from the host copy as it is now: an entry written twice since the last
+        # commit carries its final slot, whichever duplicate index the device applies.
         return rows, cols, self.host[rows, cols]
 
     def _put(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:

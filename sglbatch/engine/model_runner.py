@@ -24,6 +24,7 @@ from sglbatch.engine.config import EngineConfig, ModelConfig
 from sglbatch.engine.cuda_graph import CudaGraphRunner
 from sglbatch.engine.kv_pool import KVPool, ReqToTokenPool
 from sglbatch.engine.layers.compile import compile_elementwise
+from sglbatch.engine.layers.fused_cpu import use_fused_cpu_ops
 from sglbatch.engine.layers.linear import make_batch_invariant, pack_linears
 from sglbatch.engine.layers.moe import pack_experts
 from sglbatch.engine.layers.norm import use_fused_kernel
@@ -71,6 +72,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             pack_linears(self.model)
             pack_experts(self.model)
+            use_fused_cpu_ops(self.model, self.dtype)  # norm, and rope with the K/V store
             if config.enable_deterministic_inference:
                 make_batch_invariant(self.model)
         elif is_installed("triton"):
@@ -142,7 +144,7 @@ class ModelRunner:
                 for position in req.input_logprob_positions(extend_len):
                     rows.append(len(input_ids) + position - start)
                     targets.append((i, req.input_ids[position + 1]))
-            input_ids.extend(req.fill_ids[start:start + extend_len])
+            input_ids.extend(req.fill_span(start, start + extend_len))
             prefix_lens.append(start)
         changes = self.req_to_token_pool.take_unsent() if self.peers is not None else None
         inputs = StepInputs(batch.mode, input_ids, prefix_lens, list(batch.extend_lens),
@@ -172,8 +174,8 @@ class ModelRunner:
                 input_logprobs = self._input_logprobs(batch, hidden, inputs.logprob_rows,
                                                       targets)
         with trace_range("sglbatch.sample"):
-            sb = SamplingBatch.from_reqs(batch.reqs, logits.shape[-1],
-                                         self.model_config.eos_token_ids, logits.device)
+            sb = SamplingBatch(batch.reqs, logits.shape[-1], self.model_config.eos_token_ids,
+                               logits.device)
             logits = process_logits(logits, sb)
             next_ids = sample(logits, sb)
             step_logprobs = output_logprobs(logits, next_ids, sb)

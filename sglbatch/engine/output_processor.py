@@ -32,10 +32,11 @@ class TrackedRequest:
     first_token_at: float | None = None
     sent_chars: int = 0
     sent_ids: int = 0
+    # Text is needed token by token (streaming, stop strings), not only at finish.
+    needs_live_text: bool = field(init=False)
 
-    @property
-    def needs_live_text(self) -> bool:
-        return self.stream or bool(self.req.sampling_params.stop)
+    def __post_init__(self) -> None:
+        self.needs_live_text = self.stream or bool(self.req.sampling_params.stop)
 
 
 class OutputProcessor:
@@ -49,7 +50,7 @@ class OutputProcessor:
         """The scheduler recorded this request's new token (or, for max_new_tokens=0, its
         prefill): decide whether it is finished, and stream what is safe to send."""
         req = tracked.req
-        if req.output_ids and tracked.first_token_at is None:
+        if tracked.first_token_at is None and req.output_ids:
             tracked.first_token_at = time.perf_counter()
             self.stats.on_first_token(tracked.first_token_at - tracked.created)
         if req.finish_reason is None:

@@ -52,6 +52,16 @@ class Req:
     def fill_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
 
+    def fill_span(self, start: int, end: int) -> list[int]:
+        """`fill_ids[start:end]` without building `fill_ids`: a decode step reads one token
+        of each request, and copying whole sequences for it cost O(context) per step."""
+        n_in = len(self.input_ids)
+        if start >= n_in:
+            return self.output_ids[start - n_in:end - n_in]
+        if end <= n_in:
+            return self.input_ids[start:end]
+        return self.input_ids[start:] + self.output_ids[:end - n_in]
+
     @property
     def fill_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)

@@ -157,19 +157,15 @@ class Scheduler:
         """Record a step's results; returns the requests that received a new token (or, with
         max_new_tokens=0, finished their prefill). Whether they are finished is decided by
         the output processor, before `release_finished`."""
+        extend = batch.mode == ForwardMode.EXTEND
         updated = []
         for i, req in enumerate(batch.reqs):
-            gets_token = batch.samples(i)
-            if step.input_logprobs[i] or req.next_input_logprob_position == 0:
-                self._record_input_logprobs(req, step.input_logprobs[i])
-            req.kv_len += batch.extend_lens[i]
-            if batch.mode == ForwardMode.EXTEND and self.memory.cache is not None:
-                self.memory.cache_computed_prefix(req)
-            if not gets_token:
-                self.chunked_req = req
+            # Every decode request samples; an extend one unless it is mid-prompt.
+            if extend and not self._record_extend(req, batch.extend_lens[i],
+                                                  step.input_logprobs[i]):
                 continue
-            if batch.mode == ForwardMode.EXTEND:
-                self.running.append(req)
+            if not extend:
+                req.kv_len += 1
             updated.append(req)
             if req.sampling_params.max_new_tokens == 0:  # prefill only: cache, logprobs
                 continue
@@ -177,6 +173,20 @@ class Scheduler:
             if step.output_logprobs[i] is not None:
                 req.logprobs.output.append(step.output_logprobs[i])
         return updated
+
+    def _record_extend(self, req: Req, extend_len: int, input_logprobs: list) -> bool:
+        """Record a prefill chunk: its input logprobs, its K/V into the prefix cache.
+        Whether the request samples a token from it (False mid-prompt)."""
+        if input_logprobs or req.next_input_logprob_position == 0:
+            self._record_input_logprobs(req, input_logprobs)
+        req.kv_len += extend_len
+        if self.memory.cache is not None:
+            self.memory.cache_computed_prefix(req)
+        if req.kv_len < req.fill_len:
+            self.chunked_req = req
+            return False
+        self.running.append(req)
+        return True
 
     @staticmethod
     def _record_input_logprobs(req: Req, steps: list) -> None:

@@ -49,9 +49,22 @@ def test_table_changes_reach_a_separate_device_table_in_one_commit():
     pool.write(0, 0, torch.tensor([5, 6, 7]))
     pool.write(2, 4, torch.tensor([9]))
     pool.write(0, 1, torch.tensor([8]))  # the same span again: the last write wins
+    pool.write_points([1, 2], [3, 5], torch.tensor([11, 12]))  # a decode step's slots
     assert not pool.table.any()  # nothing sent before the commit
     pool.commit()
     assert torch.equal(pool.table, pool.host)
-    assert pool.host[0, :3].tolist() == [5, 8, 7] and pool.host[2, 4] == 9
+    assert pool.host[0, :3].tolist() == [5, 8, 7] and pool.host[2, 4:6].tolist() == [9, 12]
+    assert pool.host[1, 3] == 11
     pool.commit()  # nothing new: no-op
     assert torch.equal(pool.table, pool.host)
+
+
+def test_a_mirrored_table_hands_out_every_change_once():
+    """Rank 0's table (`mirrored`) gives the other ranks' copies what changed since its last
+    hand-out: spans and a decode step's points alike."""
+    source, copy = ReqToTokenPool(3, 16, mirrored=True), ReqToTokenPool(3, 16)
+    source.write(0, 0, torch.tensor([5, 6, 7]))
+    source.write_points([1, 0], [0, 3], torch.tensor([4, 9]))
+    copy.apply(source.take_unsent())
+    assert torch.equal(copy.host, source.host)
+    assert [t.numel() for t in source.take_unsent()] == [0, 0, 0]

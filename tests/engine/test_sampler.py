@@ -17,7 +17,7 @@ def _batch(params: list[dict], seeds: list[int], steps: list[int] | None = None,
         req = Req(f"r{i}", [1], SamplingParams(**p), seed=seed)
         req.output_ids = [0] * (steps[i] if steps else 0)
         reqs.append(req)
-    return SamplingBatch.from_reqs(reqs, vocab)
+    return SamplingBatch(reqs, vocab)
 
 
 LOGITS = torch.log(torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05, 0.0, 0.0, 0.0]]) + 1e-12)
@@ -70,3 +70,20 @@ def test_seeded_noise_is_uniform_and_varies_by_seed_and_step():
     assert 0 < u.min() and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.01
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 63, 64, 49152, 49159])
+def test_greedy_argmax_kernel_is_torchs_argmax(dtype, vocab):
+    """The CPU kernel's argmax, on the model's dtype, is torch's on fp32: the first index of
+    the maximum (ties included, at either side of a vector's width), the first NaN where a
+    row holds one, and index 0 for a row of -inf."""
+    logits = torch.randn(7, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    last = vocab - 1
+    logits[1, last // 2] = logits[1, last] = 1e4 if dtype != torch.float16 else 6e4  # a tie
+    logits[2, last] = float("nan")
+    logits[2, last // 3] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, last] = 1e4 if dtype != torch.float16 else 6e4  # the maximum in the tail
+    sb = _batch([{"temperature": 0}] * 7, seeds=list(range(7)), vocab=vocab)
+    assert sample(logits, sb).tolist() == logits.float().argmax(-1).tolist()

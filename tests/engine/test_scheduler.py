@@ -115,3 +115,11 @@ def test_a_failed_batch_gives_back_every_slot_and_row():
     assert not s.has_work
     assert s.memory.kv_pool.num_free == s.memory.kv_pool.num_slots
     assert s.memory.req_to_token.num_free == s.memory.req_to_token.num_rows
+
+
+def test_fill_span_is_a_slice_of_fill_ids():
+    req = Req("r", [1, 2, 3], SamplingParams())
+    req.output_ids = [4, 5]
+    for start in range(6):
+        for end in range(start, 6):
+            assert req.fill_span(start, end) == req.fill_ids[start:end], (start, end)
