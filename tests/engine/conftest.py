@@ -34,11 +34,11 @@ TINY_LLAMA = ModelConfig(
     tie_word_embeddings=False, attention_bias=False, eos_token_ids=(0,))
 
 
-def random_tiny_llama(seed: int = 0) -> torch.nn.Module:
+def random_tiny_llama(seed: int = 0, config: ModelConfig = TINY_LLAMA) -> torch.nn.Module:
     from sglbatch.engine.models import create_model
 
     torch.manual_seed(seed)
-    model = create_model(TINY_LLAMA).eval()
+    model = create_model(config).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     return model

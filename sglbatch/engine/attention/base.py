@@ -36,6 +36,10 @@ class AttentionBackend(ABC):
 
     # Whether decode can be captured in a CUDA graph: see `init_forward_metadata_graph`.
     supports_cuda_graph = False
+    # Whether `forward` takes `kv_stored=True`: the caller has already written the new
+    # tokens' K/V into their slots (the CPU's fused rope, see models.llama), so it must
+    # not store them again. Only for backends that read K/V back from the pool.
+    accepts_stored_kv = False
 
     def __init__(self, kv_pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int,
                  layers: Sequence[LayerAttention] | None = None):

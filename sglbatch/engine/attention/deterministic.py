@@ -28,6 +28,8 @@ ROW_CHUNK = 64  # query rows per pass, to bound the [rows, heads, BLOCK, head_di
 
 
 class DeterministicBackend(AttentionBackend):
+    accepts_stored_kv = True  # every row reads its keys back from the pool
+
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         # Each new token's request row in the req -> token table, and its position: it sees
         # keys 0..position (or its window of them).
@@ -38,10 +40,11 @@ class DeterministicBackend(AttentionBackend):
         self._table = fb.req_to_token
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
-                fb: ForwardBatch) -> torch.Tensor:
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        self.kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
+                fb: ForwardBatch, kv_stored: bool = False) -> torch.Tensor:
+        if not kv_stored:
+            self.kv_pool.set_kv(layer_id, fb.out_cache_loc,
+                                k.view(-1, self.num_kv_heads, self.head_dim),
+                                v.view(-1, self.num_kv_heads, self.head_dim))
         group = self.num_heads // self.num_kv_heads
         q = q.view(-1, self.num_kv_heads, group, self.head_dim)
         out = torch.empty_like(q)

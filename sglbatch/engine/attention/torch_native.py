@@ -110,6 +110,8 @@ def _windowed_prefixes(shared: list[_SharedPrefix], prefix_lens: list[int],
 
 
 class TorchNativeBackend(AttentionBackend):
+    accepts_stored_kv = True
+
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         if fb.mode == ForwardMode.DECODE:
             rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]
@@ -164,10 +166,11 @@ class TorchNativeBackend(AttentionBackend):
         return buckets
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
-                fb: ForwardBatch) -> torch.Tensor:
+                fb: ForwardBatch, kv_stored: bool = False) -> torch.Tensor:
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        self.kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
+        if not kv_stored:
+            self.kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
         q = q.view(-1, self.num_heads, self.head_dim)
         if fb.mode == ForwardMode.DECODE:
             self._decode_meta = self._decode_metas[self.layers[layer_id].sliding_window]

@@ -2,8 +2,8 @@
 
 Called with a `residual`, it is the pre-norm block's "add, then norm" step: it returns
 (norm(residual + x), residual + x). On CUDA that step is one fused Triton kernel
-(`sglbatch.kernels.rmsnorm`, see `use_fused_kernel`); elsewhere it is the same two torch ops the
-unfused model runs, so CPU results do not change.
+(`sglbatch.kernels.rmsnorm`, see `use_fused_kernel`); on the CPU, for 16-bit models, a C++
+kernel (`layers.fused_cpu`); elsewhere it is the same two torch ops the unfused model runs.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,6 +77,8 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_cache", emb.cos() * cos_sin_scale, persistent=False)
         self.register_buffer("sin_cache", emb.sin() * cos_sin_scale, persistent=False)
+        # The CPU kernel behind `rotate_and_store` (layers.fused_cpu); None: torch ops only.
+        self.rope_store_kv: Callable[..., None] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,6 +87,14 @@ class RotaryEmbedding(nn.Module):
         q = self._rotate(q.view(q.shape[0], -1, self.head_dim), cos, sin)
         k = self._rotate(k.view(k.shape[0], -1, self.head_dim), cos, sin)
         return q.flatten(1), k.flatten(1)
+
+    def rotate_and_store(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                         slots: torch.Tensor) -> None:
+        """`forward` done in place on q and k (the bits it gives), with k and v also
+        written to `slots` of a layer's KV pool buffers, in one pass per token."""
+        self.rope_store_kv(positions, q, k, v, self.cos_cache, self.sin_cache, self.rotary_dim,
+                           k_buffer, v_buffer, slots)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rotary_dim == self.head_dim:

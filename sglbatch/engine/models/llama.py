@@ -63,19 +63,29 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.rotary = rotary
 
-    def position_qk(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q and k as the attention sees them: rotated (subclasses normalise them first)."""
-        return self.rotary(positions, q, k)
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k as rope takes them: as projected (subclasses normalise them)."""
+        return q, k
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, fb: ForwardBatch,
                 attn: AttentionBackend) -> torch.Tensor:
         with trace_range("sglbatch.attention"):
             q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size],
                                                   dim=-1)
-            q, k = self.position_qk(positions, q, k)
+            q, k = self.norm_qk(q, k)
+            # With the CPU's kernel (layers.fused_cpu), rope runs in place and stores the
+            # new K/V in the pool in the same pass, for a backend that reads them back.
+            stored = self.rotary.rope_store_kv is not None and attn.accepts_stored_kv
+            if stored:
+                pool = attn.kv_pool
+                self.rotary.rotate_and_store(positions, q, k, v, pool.k_buffers[self.layer_id],
+                                             pool.v_buffers[self.layer_id], fb.out_cache_loc)
+            else:
+                q, k = self.rotary(positions, q, k)
+                v = v.contiguous()
             with trace_range("sglbatch.attention_backend"):
-                out = attn.forward(q, k, v.contiguous(), self.layer_id, fb)
+                out = attn.forward(q, k, v, self.layer_id, fb, kv_stored=True) if stored \
+                    else attn.forward(q, k, v, self.layer_id, fb)
             return all_reduce(self.group, self.o_proj(out))
 
 

@@ -30,11 +30,10 @@ class Qwen3Attention(LlamaAttention):
         self.q_norm = self.norm_class(config.head_dim, config.rms_norm_eps)
         self.k_norm = self.norm_class(config.head_dim, config.rms_norm_eps)
 
-    def position_qk(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(1)
         k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(1)
-        return super().position_qk(positions, q, k)
+        return q, k
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):

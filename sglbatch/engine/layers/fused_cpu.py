@@ -1,0 +1,30 @@
+"""The CPU's fused elementwise kernels (attention/csrc/fused_ops.cpp) plugged into a model:
+each RMSNorm (with the residual add before it) in one pass per row, and rope together with
+the store of the new K/V into the pool (models.llama's attention decides where it runs).
+
+Rope gives the torch ops' bits in every dtype. The norm sums its squares in another order
+than torch's reduction, so fp32 models, which must match transformers token for token, keep
+torch's norm; 16-bit ones round as torch does but for a rare one-unit difference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sglbatch.engine.attention import cpu_kernels
+from sglbatch.engine.layers.norm import RMSNorm
+from sglbatch.engine.layers.rotary import RotaryEmbedding
+
+
+def use_fused_cpu_ops(model: nn.Module, dtype: torch.dtype) -> None:
+    """Plugs the kernels into `model`'s layers; nothing changes where they cannot be built."""
+    kernels = cpu_kernels.load("fused_ops")
+    if kernels is None:
+        return
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.rope_store_kv = kernels.rope_store_kv
+        elif isinstance(module, RMSNorm) and dtype != torch.float32:
+            module.impl = kernels.rms_norm
+            module.fused_add_norm = kernels.fused_add_rms_norm
