@@ -20,6 +20,10 @@ def is_installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# The C++ modules the cpu backend runs on (attention/csrc).
+CPU_BACKEND_KERNELS = ("decode_attention", "extend_attention")
+
+
 def resolve_backend_name(name: str, device: str, dtype: torch.dtype | None = None) -> str:
     if name == "auto":
         if device == "cuda":
@@ -27,9 +31,11 @@ def resolve_backend_name(name: str, device: str, dtype: torch.dtype | None = Non
             if is_installed("flashinfer") and dtype != torch.float32:
                 return "flashinfer"
             return "triton" if is_installed("triton") else "torch"
-        return "cpu" if device == "cpu" and cpu_kernels.load() is not None else "torch"
+        kernels_built = all(cpu_kernels.load(k) is not None for k in CPU_BACKEND_KERNELS)
+        return "cpu" if device == "cpu" and kernels_built else "torch"
     if name not in SUPPORTED_BACKENDS:
-        raise ValueError(f"attention_backend={name!r} is not one of {['auto', *SUPPORTED_BACKENDS]}")
+        raise ValueError(f"attention_backend={name!r} is not one of "
+                         f"{['auto', *SUPPORTED_BACKENDS]}")
     return name
 
 

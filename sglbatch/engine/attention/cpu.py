@@ -1,5 +1,7 @@
-"""The CPU backend: torch's extend path and cascade, with each request's decode attention
-done by a C++ kernel that reads K/V straight from the pool (no gathered copies, no padding)."""
+"""The CPU backend: C++ kernels that read K/V straight from the pool (no gathered copies, no
+padding). Extend attends the whole ragged batch in one kernel call per layer; decode keeps
+torch's cascade over shared prefixes, with each request's own suffix done by the decode
+kernel."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import torch
 
 from sglbatch.engine.attention import cpu_kernels
 from sglbatch.engine.attention.torch_native import TorchNativeBackend
-from sglbatch.engine.batch import ForwardBatch
+from sglbatch.engine.batch import ForwardBatch, ForwardMode
 
 
 @dataclass
@@ -20,15 +22,43 @@ class _Ragged:
     req_to_token: torch.Tensor
 
 
+@dataclass
+class _Extend:
+    rows: torch.Tensor  # each request's row in req_to_token
+    prefix_lens: torch.Tensor  # its tokens already in the pool (its first new position)
+    extend_lens: torch.Tensor  # its new tokens
+    starts: torch.Tensor  # its first row in q
+
+
 class CpuBackend(TorchNativeBackend):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._kernels = cpu_kernels.load()
-        if self._kernels is None:
-            raise RuntimeError("the CPU attention kernel could not be built here")
+        self._decode_kernel = cpu_kernels.load("decode_attention")
+        self._extend_kernel = cpu_kernels.load("extend_attention")
+        if self._decode_kernel is None or self._extend_kernel is None:
+            raise RuntimeError("the CPU attention kernels could not be built here")
 
-    def _suffix_metadata(self, fb: ForwardBatch, rows: torch.Tensor,
-                         prefix_lens: list[int]) -> _Ragged:
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
+        if fb.mode == ForwardMode.DECODE:
+            super().init_forward_metadata(fb)
+            return
+        # The same for every layer; the kernel reads these (int64) on the host.
+        prefix_lens = torch.tensor(fb.prefix_lens_cpu, dtype=torch.int64, device="cpu")
+        self._extend_meta = _Extend(fb.req_pool_indices.contiguous(), prefix_lens,
+                                    fb.extend_lens.contiguous(), fb.extend_start.contiguous())
+
+    def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                fb: ForwardBatch) -> torch.Tensor:
+        """All requests' new tokens over their slots in the pool, in one kernel call: the
+        step's own K/V is read there too (stored before attention), so k and v go unused."""
+        m = self._extend_meta
+        layer = self.layers[layer_id]
+        return self._extend_kernel.extend_attention(
+            q, self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id],
+            fb.req_to_token, m.rows, m.prefix_lens, m.extend_lens, m.starts, layer.scale,
+            layer.sliding_window or 0, layer.logit_softcap or 0.0)
+
+    def _suffix_metadata(self, fb: ForwardBatch, prefix_lens: list[int]) -> _Ragged:
         # The C++ kernel reads these on the host.
         return _Ragged(fb.req_pool_indices.contiguous(),
                        torch.tensor(prefix_lens, device="cpu"),
@@ -39,7 +69,7 @@ class CpuBackend(TorchNativeBackend):
         r = self._decode_meta.suffix
         layer = self.layers[layer_id]
         # The kernel skips the keys before each request's window (0: no window, no cap).
-        out, lse = self._kernels.decode_attention(
+        out, lse = self._decode_kernel.decode_attention(
             q.contiguous(), self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id],
             r.req_to_token, r.rows, r.starts, r.ends, layer.scale, layer.sliding_window or 0,
             layer.logit_softcap or 0.0)

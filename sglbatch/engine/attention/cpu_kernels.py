@@ -1,9 +1,10 @@
 """C++ kernels for the CPU, compiled on first use and cached on disk.
 
 Each source in `csrc/` is its own extension module (`load(name)` builds `csrc/<name>.cpp`),
-so a kernel's change rebuilds only that module. They are built with the machine's own compiler (`-march=native`), so the build is keyed
-by the source, torch's version and the CPU's feature flags. Where no compiler works,
-`load()` returns None and the caller stays on plain torch.
+so a kernel's change rebuilds only that module. They are built with the machine's own
+compiler (`-march=native`), so the build is keyed by the source, torch's version and the
+CPU's feature flags. Where no compiler works, `load()` returns None and the caller stays
+on plain torch.
 """
 
 from __future__ import annotations

@@ -55,11 +55,13 @@ class _DecodeMetadata:
     suffix: object  # how the backend attends each request's own suffix
 
 
-def _shared_prefixes(rows: torch.Tensor, seq_lens: list[int]) -> tuple[list[_SharedPrefix],
-                                                                       list[int]]:
-    """Groups of requests whose slot rows start alike, and each request's shared length."""
+def _shared_prefixes(table: torch.Tensor, pool_rows: torch.Tensor, seq_lens: list[int]
+                     ) -> tuple[list[_SharedPrefix], list[int]]:
+    """Groups of requests whose slot rows start alike, and each request's shared length.
+    Only the first column is read for all requests: whole rows are gathered only for groups
+    (all of them cost a [batch, longest] copy per step)."""
     by_first: dict[int, list[int]] = {}
-    for b, first in enumerate(rows[:, 0].tolist()):
+    for b, first in enumerate(table[pool_rows, 0].tolist()):
         by_first.setdefault(first, []).append(b)
     prefix_lens = [0] * len(seq_lens)
     shared = []
@@ -68,15 +70,15 @@ def _shared_prefixes(rows: torch.Tensor, seq_lens: list[int]) -> tuple[list[_Sha
             continue
         # The current token's slot is each request's own, so a prefix is always < seq_len.
         width = min(seq_lens[b] for b in members) - 1
-        sub = rows[members, :width]
+        index = torch.tensor(members, device=pool_rows.device)
+        sub = table[pool_rows[index], :width]
         same = (sub == sub[:1]).all(dim=0)
         length = int(same.logical_not().nonzero()[0]) if not bool(same.all()) else width
         if length < MIN_SHARED_PREFIX:
             continue
         for b in members:
             prefix_lens[b] = length
-        shared.append(_SharedPrefix(torch.tensor(members, device=rows.device),
-                                    KVPool.as_span(sub[0, :length])))
+        shared.append(_SharedPrefix(index, KVPool.as_span(sub[0, :length])))
     return shared, prefix_lens
 
 
@@ -114,10 +116,10 @@ class TorchNativeBackend(AttentionBackend):
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         if fb.mode == ForwardMode.DECODE:
-            rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]
-            shared, prefix_lens = _shared_prefixes(rows, fb.seq_lens_cpu)
+            shared, prefix_lens = _shared_prefixes(fb.req_to_token, fb.req_pool_indices,
+                                                   fb.seq_lens_cpu)
             self._decode_metas = {
-                window: self._decode_metadata(fb, rows, shared, prefix_lens, window)
+                window: self._decode_metadata(fb, shared, prefix_lens, window)
                 for window in {layer.sliding_window for layer in self.layers}}
             # The metadata of the layer being run (`forward` switches it per layer).
             self._decode_meta = self._decode_metas[self.layers[0].sliding_window]
@@ -127,22 +129,21 @@ class TorchNativeBackend(AttentionBackend):
             else None
             for i, (prefix_len, seq_len) in enumerate(zip(fb.prefix_lens_cpu, fb.seq_lens_cpu))]
 
-    def _decode_metadata(self, fb: ForwardBatch, rows: torch.Tensor,
-                         shared: list[_SharedPrefix], prefix_lens: list[int],
-                         window: int | None) -> _DecodeMetadata:
+    def _decode_metadata(self, fb: ForwardBatch, shared: list[_SharedPrefix],
+                         prefix_lens: list[int], window: int | None) -> _DecodeMetadata:
         if window is None:
-            return _DecodeMetadata(shared, self._suffix_metadata(fb, rows, prefix_lens))
+            return _DecodeMetadata(shared, self._suffix_metadata(fb, prefix_lens))
         # The decoded token (position seq_len - 1) sees positions seq_len - window onwards.
         starts = [max(0, s - window) for s in fb.seq_lens_cpu]
         shared, prefix_lens = _windowed_prefixes(shared, prefix_lens, starts,
                                                  self.num_heads // self.num_kv_heads)
         own = [max(p, s) for p, s in zip(prefix_lens, starts)]
-        return _DecodeMetadata(shared, self._suffix_metadata(fb, rows, own))
+        return _DecodeMetadata(shared, self._suffix_metadata(fb, own))
 
-    def _suffix_metadata(self, fb: ForwardBatch, rows: torch.Tensor,
-                         prefix_lens: list[int]) -> list[_Bucket]:
+    def _suffix_metadata(self, fb: ForwardBatch, prefix_lens: list[int]) -> list[_Bucket]:
         """Each request attends its columns prefix_lens[b]..seq_len (its own, past any shared
         prefix or before its window)."""
+        rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]
         device = rows.device
         suffix_lens = torch.tensor([s - p for s, p in zip(fb.seq_lens_cpu, prefix_lens)],
                                    device=device)
