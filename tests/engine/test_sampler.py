@@ -76,8 +76,8 @@ def test_seeded_noise_is_uniform_and_varies_by_seed_and_step():
 @pytest.mark.parametrize("vocab", [1, 63, 64, 49152, 49159])
 def test_greedy_argmax_kernel_is_torchs_argmax(dtype, vocab):
     """The CPU kernel's argmax, on the model's dtype, is torch's on fp32: the first index of
-    the maximum (ties included, at either side of a vector's width), the first NaN where a
-    row holds one, and index 0 for a row of -inf."""
+    the maximum (ties included, at either side of a vector's width, and -0 tied with +0),
+    the first NaN of either sign where a row holds one, and index 0 for a row of -inf."""
     logits = torch.randn(7, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
     last = vocab - 1
     logits[1, last // 2] = logits[1, last] = 1e4 if dtype != torch.float16 else 6e4  # a tie
@@ -85,5 +85,8 @@ def test_greedy_argmax_kernel_is_torchs_argmax(dtype, vocab):
     logits[2, last // 3] = float("nan")
     logits[3] = float("-inf")
     logits[4, last] = 1e4 if dtype != torch.float16 else 6e4  # the maximum in the tail
+    logits[5] = -1.0
+    logits[5, last // 2], logits[5, last] = -0.0, 0.0  # -0 equals +0: the first one counts
+    logits[6, last // 2] = -logits.new_tensor(float("nan"))  # a NaN with its sign bit set
     sb = _batch([{"temperature": 0}] * 7, seeds=list(range(7)), vocab=vocab)
     assert sample(logits, sb).tolist() == logits.float().argmax(-1).tolist()
