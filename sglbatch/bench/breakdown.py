@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sglbatch.engine.layers.fused_cpu import TRACE_NAME as CPU_ELEMENTWISE_RANGE
+
 CATEGORIES = {
     "linear": "linear layers (matmuls)",
     "attention": "attention",
@@ -40,6 +42,8 @@ _PHASES = {"sglbatch.schedule": "schedule", "sglbatch.prepare": "prepare",
            "sglbatch.sample": "sampling", "sglbatch.input_logprobs": "sampling",
            "sglbatch.process_output": "output_processing",
            "sglbatch.attention_backend": "attention",
+           # The CPU's fused norm and rope kernels (engine.layers.fused_cpu).
+           CPU_ELEMENTWISE_RANGE: "other_model_ops",
            "sglbatch.forward_extend": "forward", "sglbatch.forward_decode": "forward"}
 _MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
             "aten::linear", "mkldnn::_linear_pointwise", "aten::_weight_int4pack_mm")

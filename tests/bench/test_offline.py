@@ -99,3 +99,22 @@ def test_bench_offline_breakdown_and_mfu(smollm2_dir, tmp_path, monkeypatch):
     assert sum(breakdown["shares"].values()) == pytest.approx(1.0)
     assert all(share > 0 for share in breakdown["shares"].values()), breakdown["shares"]
     assert sum(breakdown["ms_per_step"].values()) == pytest.approx(breakdown["step_ms"])
+
+
+def test_breakdown_counts_the_cpu_elementwise_kernels_as_model_ops(tmp_path):
+    """The fused norm and rope kernels are C++ calls the profiler sees only through their
+    range: their time is a model op's, not Python between ops."""
+    from sglbatch.bench.breakdown import step_breakdown
+    from sglbatch.engine.layers.fused_cpu import TRACE_NAME
+
+    def event(name, ts, dur, cat="user_annotation"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": 1}
+
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": [
+        event("sglbatch.step", 0, 100), event("sglbatch.forward_decode", 10, 80),
+        event(TRACE_NAME, 20, 30), event("aten::mm", 60, 20, "cpu_op")]}))
+    ms = step_breakdown(trace)["ms_per_step"]
+    assert ms["other_model_ops"] == pytest.approx(0.030)
+    assert ms["linear"] == pytest.approx(0.020)
+    assert ms["python"] == pytest.approx(0.050)  # the step's and the forward's own time
