@@ -41,7 +41,9 @@ def _cpu_flags() -> str:
 
 
 def _build_dir(source: Path) -> Path:
-    key = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode()
+    # The shared headers are part of every build.
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(CFLAGS).encode()
                          + torch.__version__.encode() + _cpu_flags().encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"{source.stem}-{key}"
     path.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "dtype_convert.h"
+
 #include <cmath>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -25,18 +27,7 @@
 
 namespace {
 
-inline float to_float(float x) { return x; }
-
-inline float to_float(double x) { return static_cast<float>(x); }
-
-inline float to_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
+using sglbatch::to_float;
 
 // Scores q.k for every key, written to scores[g * len + t]; false where no fast path
 // exists (the caller then runs the portable loop).

@@ -17,6 +17,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "dtype_convert.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -40,18 +42,7 @@ constexpr float kMinExp = -80.f;
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
-inline float to_float(float x) { return x; }
-
-inline float to_float(double x) { return static_cast<float>(x); }
-
-inline float to_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
+using sglbatch::to_float;
 
 template <typename scalar_t>
 inline scalar_t from_float(float x) {

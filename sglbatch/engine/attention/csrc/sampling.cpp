@@ -10,7 +10,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <cstring>
+#include "dtype_convert.h"
+
 #include <limits>
 #include <type_traits>
 #if defined(__AVX512F__)
@@ -19,23 +20,8 @@
 
 namespace {
 
-inline float to_float(float x) { return x; }
-
-inline float to_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-
-// By the bits: the kernels build with -ffast-math, under which std::isnan may fold to false.
-inline bool is_nan(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return (bits & 0x7fffffffu) > 0x7f800000u;
-}
+using sglbatch::is_nan;
+using sglbatch::to_float;
 
 // The row's maximum, or NaN if it holds one; the portable path.
 template <typename scalar_t>
