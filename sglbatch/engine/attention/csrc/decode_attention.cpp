@@ -14,7 +14,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "dtype_convert.h"
+#include "common.h"
 
 #include <cmath>
 #if defined(__AVX512F__)
@@ -238,16 +238,7 @@ std::vector<torch::Tensor> decode_attention(const torch::Tensor& q, const torch:
                                           q, k_buf, v_buf, req_to_token, rows, starts, ends,
                                           scale, window, softcap, out, lse);
                                     };
-                                    switch (q.size(2)) {
-                                      case 64:
-                                        run(std::integral_constant<int64_t, 64>{});
-                                        break;
-                                      case 128:
-                                        run(std::integral_constant<int64_t, 128>{});
-                                        break;
-                                      default:
-                                        run(std::integral_constant<int64_t, 0>{});
-                                    }
+                                    sglbatch::dispatch_head_dim(q.size(2), run);
                                   });
   return {out, lse};
 }

@@ -17,7 +17,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "dtype_convert.h"
+#include "common.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -639,16 +639,7 @@ torch::Tensor extend_attention(const torch::Tensor& q, const torch::Tensor& k_bu
                                           a, extend_lens.data_ptr<int64_t>(), rows.size(0),
                                           k_buf.size(0));
                                     };
-                                    switch (q.size(2)) {
-                                      case 64:
-                                        run(std::integral_constant<int64_t, 64>{});
-                                        break;
-                                      case 128:
-                                        run(std::integral_constant<int64_t, 128>{});
-                                        break;
-                                      default:
-                                        run(std::integral_constant<int64_t, 0>{});
-                                    }
+                                    sglbatch::dispatch_head_dim(q.size(2), run);
                                   });
   return out;
 }

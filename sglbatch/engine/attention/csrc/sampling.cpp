@@ -10,7 +10,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "dtype_convert.h"
+#include "common.h"
 
 #include <limits>
 #include <type_traits>

@@ -1,10 +1,12 @@
-// Conversions the CPU kernels share: every kernel widens its dtype to fp32 to compute.
+// What the CPU kernels share: widening their dtype to fp32, and the head size as a
+// compile-time constant.
 #pragma once
 
 #include <torch/extension.h>
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace sglbatch {
 
@@ -27,6 +29,22 @@ inline bool is_nan(float x) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof bits);
   return (bits & 0x7fffffffu) > 0x7f800000u;
+}
+
+// Calls run(std::integral_constant<int64_t, D>) with D = head_dim for the sizes with
+// unrolled loops (64, 128), else D = 0: the kernel then reads the size at run time.
+template <typename Run>
+void dispatch_head_dim(int64_t head_dim, Run&& run) {
+  switch (head_dim) {
+    case 64:
+      run(std::integral_constant<int64_t, 64>{});
+      break;
+    case 128:
+      run(std::integral_constant<int64_t, 128>{});
+      break;
+    default:
+      run(std::integral_constant<int64_t, 0>{});
+  }
 }
 
 }  // namespace sglbatch
