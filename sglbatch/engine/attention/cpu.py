@@ -1,7 +1,8 @@
 """The CPU backend: C++ kernels that read K/V straight from the pool (no gathered copies, no
-padding). Extend attends the whole ragged batch in one kernel call per layer; decode keeps
-torch's cascade over shared prefixes, with each request's own suffix done by the decode
-kernel."""
+padding). Extend attends the whole ragged batch in one kernel call per layer. Decode is a
+cascade in two calls per layer: each request's own suffix (the decode kernel), then each
+shared prefix read once for all the requests sharing it, merged into their suffix results.
+Sliding-window layers skip the cascade: the decode kernel reads each request's window."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from sglbatch.engine.attention import cpu_kernels
-from sglbatch.engine.attention.torch_native import TorchNativeBackend
+from sglbatch.engine.attention.torch_native import (
+    TorchNativeBackend,
+    _DecodeMetadata,
+    _SharedPrefix,
+)
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
 
 
@@ -20,6 +25,17 @@ class _Ragged:
     starts: torch.Tensor  # first column it attends (after its shared prefix)
     ends: torch.Tensor  # its sequence length
     req_to_token: torch.Tensor
+
+
+@dataclass
+class _Prefixes:
+    """A decode batch's shared prefixes as the kernel reads them: group p's members (batch
+    indices) are members[offsets[p]:offsets[p + 1]], its prefix the first lens[p] slots of
+    req_to_token row rows[p]."""
+    rows: torch.Tensor
+    lens: torch.Tensor
+    offsets: torch.Tensor
+    members: torch.Tensor
 
 
 @dataclass
@@ -58,6 +74,34 @@ class CpuBackend(TorchNativeBackend):
             fb.req_to_token, m.rows, m.prefix_lens, m.extend_lens, m.starts, layer.scale,
             layer.sliding_window or 0, layer.logit_softcap or 0.0)
 
+    def _decode_metadata(self, fb: ForwardBatch, shared: list[_SharedPrefix],
+                         prefix_lens: list[int], window: int | None) -> _DecodeMetadata:
+        if window is not None:
+            # The decode kernel starts each request at its window.
+            return _DecodeMetadata(None, self._suffix_metadata(fb, [0] * len(prefix_lens)))
+        prefixes = None
+        if shared:
+            firsts = torch.stack([prefix.rows[0] for prefix in shared])
+            sizes = [0] + [len(prefix.rows) for prefix in shared]
+            prefixes = _Prefixes(
+                fb.req_pool_indices[firsts].contiguous(),
+                torch.tensor([prefix_lens[b] for b in firsts.tolist()], device="cpu"),
+                torch.tensor(sizes, device="cpu").cumsum(0),
+                torch.cat([prefix.rows for prefix in shared]))
+        return _DecodeMetadata(prefixes, self._suffix_metadata(fb, prefix_lens))
+
+    def _decode(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
+        q = q.contiguous()
+        out, lse = self._decode_suffixes(q, layer_id)
+        p = self._decode_meta.shared
+        if p is not None:
+            layer = self.layers[layer_id]
+            self._extend_kernel.merge_shared_prefixes(
+                q, self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id],
+                self._decode_meta.suffix.req_to_token, p.rows, p.lens, p.offsets, p.members,
+                layer.scale, layer.logit_softcap or 0.0, out, lse)
+        return out.to(q.dtype)
+
     def _suffix_metadata(self, fb: ForwardBatch, prefix_lens: list[int]) -> _Ragged:
         # The C++ kernel reads these on the host.
         return _Ragged(fb.req_pool_indices.contiguous(),
@@ -66,13 +110,12 @@ class CpuBackend(TorchNativeBackend):
 
     def _decode_suffixes(self, q: torch.Tensor, layer_id: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 attention [batch, heads, head_dim] of each request over its own keys, and its
+        log-sum-exp [batch, heads]."""
         r = self._decode_meta.suffix
         layer = self.layers[layer_id]
         # The kernel skips the keys before each request's window (0: no window, no cap).
-        out, lse = self._decode_kernel.decode_attention(
-            q.contiguous(), self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id],
+        return self._decode_kernel.decode_attention(
+            q, self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id],
             r.req_to_token, r.rows, r.starts, r.ends, layer.scale, layer.sliding_window or 0,
             layer.logit_softcap or 0.0)
-        group = self.num_heads // self.num_kv_heads
-        shape = (q.shape[0], self.num_kv_heads, group)
-        return out.view(*shape, self.head_dim), lse.view(*shape, 1)

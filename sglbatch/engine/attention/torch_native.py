@@ -51,7 +51,7 @@ class _Bucket:
 
 @dataclass
 class _DecodeMetadata:
-    shared: list[_SharedPrefix]
+    shared: object  # the shared prefixes, in the form the backend attends them
     suffix: object  # how the backend attends each request's own suffix
 
 

@@ -58,6 +58,8 @@ constexpr bool kBf16Dot =
     false;
 #endif
 
+// Extend: (request, kv head, its rows first_row ..); shared prefixes: (group, kv head, its
+// members first_row ..).
 struct Task {
   int64_t req, kv_head, first_row, rows, cost;
 };
@@ -485,35 +487,19 @@ struct Args {
   int64_t window;
 };
 
-template <typename scalar_t, int64_t HEAD_DIM>
-void run_task(const Args& a, const Task& t, Scratch& w) {
+// The task's query lanes, transposed to [dim][lane] (bf16: [dim / 2][lane] pairs), padding
+// lanes zero; row_of(r) points at the kv head's query heads in the task's row r.
+template <typename scalar_t, int64_t HEAD_DIM, typename RowOf>
+void load_queries(RowOf row_of, int64_t group, int64_t dim, int64_t used, int64_t lanes,
+                  Scratch& w) {
   constexpr bool bf16_dot = kBf16Dot<scalar_t, HEAD_DIM>;
-  const int64_t dim = HEAD_DIM > 0 ? HEAD_DIM : a.head_dim;
-  const int64_t stride = round_up(dim, 16);
-  const int64_t used = t.rows * a.group;
-  const int64_t lanes = round_up(used, kLaneAlign);
-  const int64_t first_pos = a.prefix[t.req] + t.first_row;
-  const int64_t token0 = a.starts[t.req] + t.first_row;
-  const scalar_t* q = static_cast<const scalar_t*>(a.q) + token0 * a.q_stride +
-                      t.kv_head * a.group * dim;
-  const scalar_t* k_head = static_cast<const scalar_t*>(a.k) + t.kv_head * a.pool_stride;
-  const scalar_t* v_head = static_cast<const scalar_t*>(a.v) + t.kv_head * a.pool_stride;
-  const int64_t* slots = a.table + a.rows[t.req] * a.table_stride;
-
-  // Padding lanes take the last row's position; their zero queries are never written out.
-  for (int64_t m = 0; m < lanes; ++m) {
-    w.pos[m] = static_cast<int32_t>(first_pos + std::min(m, used - 1) / a.group);
-    w.lo[m] = a.window > 0 ? w.pos[m] - static_cast<int32_t>(a.window) + 1 : 0;
-  }
-  // The lanes' queries, transposed to [dim][lane] (bf16: [dim / 2][lane] pairs); padding
-  // lanes are zero.
   if constexpr (bf16_dot) {
     std::fill(w.q_pairs.begin(), w.q_pairs.end(), 0);
   } else {
     std::fill(w.q.begin(), w.q.end(), 0.f);
   }
   for (int64_t m = 0; m < used; ++m) {
-    const scalar_t* row = q + (m / a.group) * a.q_stride + (m % a.group) * dim;
+    const scalar_t* row = row_of(m / group) + (m % group) * dim;
 #if defined(__AVX512BF16__)
     if constexpr (bf16_dot) {
       for (int64_t i = 0; i < dim / 2; ++i) w.q_pairs[i * lanes + m] = bf16_pair(row, i);
@@ -523,21 +509,31 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
       for (int64_t d = 0; d < dim; ++d) w.q[d * lanes + m] = to_float(row[d]);
     }
   }
+}
+
+// The online softmax of the loaded lanes over keys [key_begin, key_end) of `slots`, left in
+// w (acc, max, sum). Causal lanes see keys up to their position (w.pos) and from w.lo; the
+// other lanes see every key, so no block is masked.
+template <typename scalar_t, int64_t HEAD_DIM>
+void attend(const Args& a, int64_t kv_head, const int64_t* slots, int64_t key_begin,
+            int64_t key_end, int64_t lanes, int64_t used, bool causal, Scratch& w) {
+  const int64_t dim = HEAD_DIM > 0 ? HEAD_DIM : a.head_dim;
+  const int64_t stride = round_up(dim, 16);
+  const scalar_t* k_head = static_cast<const scalar_t*>(a.k) + kv_head * a.pool_stride;
+  const scalar_t* v_head = static_cast<const scalar_t*>(a.v) + kv_head * a.pool_stride;
   std::fill(w.max.begin(), w.max.begin() + lanes, kMasked);
   std::fill(w.sum.begin(), w.sum.begin() + lanes, 0.f);
   std::fill(w.acc.begin(), w.acc.begin() + lanes * stride, 0.f);
-
-  // Keys from the first row's window start to the last row's position.
-  const int64_t last_pos = first_pos + t.rows - 1;
-  const int64_t key_begin = a.window > 0 ? std::max<int64_t>(0, first_pos - a.window + 1) : 0;
-  for (int64_t n0 = key_begin; n0 <= last_pos; n0 += kBlockKeys) {
-    const int64_t keys = std::min(kBlockKeys, last_pos + 1 - n0);
+  // The lanes' first and last positions: blocks within both need no mask.
+  const int64_t first_pos = w.pos[0], last_pos = w.pos[used - 1];
+  for (int64_t n0 = key_begin; n0 < key_end; n0 += kBlockKeys) {
+    const int64_t keys = std::min(kBlockKeys, key_end - n0);
     // Masks are needed only where the block crosses some lane's causal or window edge.
-    const bool masked = n0 + keys - 1 > first_pos ||
-                        (a.window > 0 && n0 <= last_pos - a.window);
+    const bool masked = causal && (n0 + keys - 1 > first_pos ||
+                                   (a.window > 0 && n0 <= last_pos - a.window));
     const Block blk{slots + n0, keys, lanes, used, static_cast<int32_t>(n0), masked};
 #if defined(__AVX512BF16__)
-    if constexpr (bf16_dot) {
+    if constexpr (kBf16Dot<scalar_t, HEAD_DIM>) {
       block_bf16<HEAD_DIM>(blk, k_head, v_head, a.scale, a.softcap, w);
     } else  // (without AVX512-BF16, the only branch)
 #endif
@@ -546,6 +542,31 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
                                          w);
     }
   }
+}
+
+template <typename scalar_t, int64_t HEAD_DIM>
+void run_task(const Args& a, const Task& t, Scratch& w) {
+  const int64_t dim = HEAD_DIM > 0 ? HEAD_DIM : a.head_dim;
+  const int64_t stride = round_up(dim, 16);
+  const int64_t used = t.rows * a.group;
+  const int64_t lanes = round_up(used, kLaneAlign);
+  const int64_t first_pos = a.prefix[t.req] + t.first_row;
+  const int64_t token0 = a.starts[t.req] + t.first_row;
+  const scalar_t* q = static_cast<const scalar_t*>(a.q) + token0 * a.q_stride +
+                      t.kv_head * a.group * dim;
+
+  // Padding lanes take the last row's position; their zero queries are never written out.
+  for (int64_t m = 0; m < lanes; ++m) {
+    w.pos[m] = static_cast<int32_t>(first_pos + std::min(m, used - 1) / a.group);
+    w.lo[m] = a.window > 0 ? w.pos[m] - static_cast<int32_t>(a.window) + 1 : 0;
+  }
+  load_queries<scalar_t, HEAD_DIM>([&](int64_t r) { return q + r * a.q_stride; }, a.group,
+                                   dim, used, lanes, w);
+  // Keys from the first row's window start to the last row's position.
+  const int64_t last_pos = first_pos + t.rows - 1;
+  const int64_t key_begin = a.window > 0 ? std::max<int64_t>(0, first_pos - a.window + 1) : 0;
+  attend<scalar_t, HEAD_DIM>(a, t.kv_head, a.table + a.rows[t.req] * a.table_stride, key_begin,
+                             last_pos + 1, lanes, used, /*causal=*/true, w);
 
   scalar_t* out = static_cast<scalar_t*>(a.out) + token0 * a.num_heads * dim +
                   t.kv_head * a.group * dim;
@@ -557,24 +578,13 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
   }
 }
 
-template <typename scalar_t, int64_t HEAD_DIM>
-void extend_attention_impl(const Args& a, const int64_t* extend_lens, int64_t batch,
-                           int64_t num_kv_heads) {
-  const int64_t stride = round_up(HEAD_DIM > 0 ? HEAD_DIM : a.head_dim, 16);
-  const int64_t rows_per_task = std::max<int64_t>(1, kTargetLanes / a.group);
-  std::vector<Task> tasks;
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t r = 0; r < extend_lens[b]; r += rows_per_task) {
-      const int64_t rows = std::min(rows_per_task, extend_lens[b] - r);
-      const int64_t last = a.prefix[b] + r + rows;
-      const int64_t keys = a.window > 0 ? std::min(last, rows - 1 + a.window) : last;
-      for (int64_t h = 0; h < num_kv_heads; ++h) tasks.push_back({b, h, r, rows, rows * keys});
-    }
-  }
-  // Longest first, handed out one at a time: causal tasks differ widely in cost.
+// Runs the tasks on every thread, longest first and handed out one at a time (tasks differ
+// widely in cost), each worker with buffers for up to max_lanes lanes.
+template <typename scalar_t, int64_t HEAD_DIM, typename RunTask>
+void run_tasks(std::vector<Task>& tasks, int64_t head_dim, int64_t max_lanes, RunTask run) {
+  const int64_t stride = round_up(HEAD_DIM > 0 ? HEAD_DIM : head_dim, 16);
   std::stable_sort(tasks.begin(), tasks.end(),
                    [](const Task& x, const Task& y) { return x.cost > y.cost; });
-  const int64_t max_lanes = round_up(rows_per_task * a.group, kLaneAlign);
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks.size());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
@@ -594,9 +604,90 @@ void extend_attention_impl(const Args& a, const int64_t* extend_lens, int64_t ba
     w.pos.resize(max_lanes);
     w.lo.resize(max_lanes);
     for (int64_t i = next++; i < static_cast<int64_t>(tasks.size()); i = next++) {
-      run_task<scalar_t, HEAD_DIM>(a, tasks[i], w);
+      run(tasks[i], w);
     }
   });
+}
+
+template <typename scalar_t, int64_t HEAD_DIM>
+void extend_attention_impl(const Args& a, const int64_t* extend_lens, int64_t batch,
+                           int64_t num_kv_heads) {
+  const int64_t rows_per_task = std::max<int64_t>(1, kTargetLanes / a.group);
+  std::vector<Task> tasks;
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t r = 0; r < extend_lens[b]; r += rows_per_task) {
+      const int64_t rows = std::min(rows_per_task, extend_lens[b] - r);
+      const int64_t last = a.prefix[b] + r + rows;
+      const int64_t keys = a.window > 0 ? std::min(last, rows - 1 + a.window) : last;
+      for (int64_t h = 0; h < num_kv_heads; ++h) tasks.push_back({b, h, r, rows, rows * keys});
+    }
+  }
+  run_tasks<scalar_t, HEAD_DIM>(tasks, a.head_dim, round_up(rows_per_task * a.group, kLaneAlign),
+                                [&](const Task& t, Scratch& w) {
+                                  run_task<scalar_t, HEAD_DIM>(a, t, w);
+                                });
+}
+
+// ---- shared prefixes of a decode batch ---------------------------------------------------
+
+// Groups of decode requests whose slot rows begin with the same prefix: group p's members
+// (batch indices) are members[offsets[p] .. offsets[p + 1]], its prefix the first lens[p]
+// slots of table row rows[p].
+struct Prefixes {
+  const int64_t *rows, *lens, *offsets, *members;
+  float* out;  // [batch, heads, head_dim]: each request's attention over its other keys
+  float* lse;  // [batch, heads]: and its log-sum-exp
+};
+
+// A task is (group, kv head, block of members): the prefix's keys are read once for all the
+// block's queries (a decode query per member, lanes = members x group), then each lane's
+// result is merged into the request's other part through the two log-sum-exps.
+template <typename scalar_t, int64_t HEAD_DIM>
+void run_prefix_task(const Args& a, const Prefixes& p, const Task& t, Scratch& w) {
+  const int64_t dim = HEAD_DIM > 0 ? HEAD_DIM : a.head_dim;
+  const int64_t stride = round_up(dim, 16);
+  const int64_t used = t.rows * a.group;
+  const int64_t lanes = round_up(used, kLaneAlign);
+  const int64_t* members = p.members + p.offsets[t.req] + t.first_row;
+  const scalar_t* q = static_cast<const scalar_t*>(a.q) + t.kv_head * a.group * dim;
+  load_queries<scalar_t, HEAD_DIM>([&](int64_t r) { return q + members[r] * a.q_stride; },
+                                   a.group, dim, used, lanes, w);
+  attend<scalar_t, HEAD_DIM>(a, t.kv_head, a.table + p.rows[t.req] * a.table_stride, 0,
+                             p.lens[t.req], lanes, used, /*causal=*/false, w);
+  for (int64_t m = 0; m < used; ++m) {
+    const int64_t head = (members[m / a.group] * a.num_heads + t.kv_head * a.group + m % a.group);
+    float* o = p.out + head * dim;
+    const float* acc = w.acc.data() + m * stride;
+    // Both parts are finite: a request's other keys hold at least its current token.
+    const float own_lse = p.lse[head], prefix_lse = w.max[m] + std::log(w.sum[m]);
+    const float top = std::max(own_lse, prefix_lse);
+    const float own_w = std::exp(own_lse - top), prefix_w = std::exp(prefix_lse - top);
+    const float total = own_w + prefix_w;
+    const float own_f = own_w / total, prefix_f = prefix_w / (total * w.sum[m]);
+    for (int64_t d = 0; d < dim; ++d) o[d] = o[d] * own_f + acc[d] * prefix_f;
+    p.lse[head] = top + std::log(total);
+  }
+}
+
+template <typename scalar_t, int64_t HEAD_DIM>
+void shared_prefix_impl(const Args& a, const Prefixes& p, int64_t num_prefixes,
+                        int64_t num_kv_heads) {
+  const int64_t members_per_task = std::max<int64_t>(1, kTargetLanes / a.group);
+  std::vector<Task> tasks;
+  for (int64_t g = 0; g < num_prefixes; ++g) {
+    const int64_t n = p.offsets[g + 1] - p.offsets[g];
+    for (int64_t r = 0; r < n; r += members_per_task) {
+      const int64_t rows = std::min(members_per_task, n - r);
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        tasks.push_back({g, h, r, rows, rows * p.lens[g]});
+      }
+    }
+  }
+  run_tasks<scalar_t, HEAD_DIM>(tasks, a.head_dim,
+                                round_up(members_per_task * a.group, kLaneAlign),
+                                [&](const Task& t, Scratch& w) {
+                                  run_prefix_task<scalar_t, HEAD_DIM>(a, p, t, w);
+                                });
 }
 
 }  // namespace
@@ -644,6 +735,54 @@ torch::Tensor extend_attention(const torch::Tensor& q, const torch::Tensor& k_bu
   return out;
 }
 
+// Decode with shared prefixes (cascade): q [batch, heads, head_dim] (one token per request),
+// k_buf, v_buf as above. Group p of requests (batch indices members[offsets[p] ..
+// offsets[p + 1]]) shares the first prefix_lens[p] slots of table row prefix_rows[p]; their
+// attention over those keys is merged, in place, into out [batch, heads, head_dim] and lse
+// [batch, heads] (fp32: each request's attention over its own keys, as decode_attention
+// returns it, with at least one key). softcap as above; no sliding window.
+void merge_shared_prefixes(const torch::Tensor& q, const torch::Tensor& k_buf,
+                           const torch::Tensor& v_buf, const torch::Tensor& req_to_token,
+                           const torch::Tensor& prefix_rows, const torch::Tensor& prefix_lens,
+                           const torch::Tensor& offsets, const torch::Tensor& members,
+                           double scale, double softcap, torch::Tensor& out,
+                           torch::Tensor& lse) {
+  TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3, "expected 3-d q and pools");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous");
+  TORCH_CHECK(k_buf.is_contiguous() && v_buf.is_contiguous(), "the pools must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_buf.scalar_type() && k_buf.scalar_type() == v_buf.scalar_type(),
+              "q and the pools must share a dtype");
+  TORCH_CHECK(q.size(1) % k_buf.size(0) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(q.size(2) == k_buf.size(2), "head_dim of q and the pool differ");
+  for (const auto* t : {&req_to_token, &prefix_rows, &prefix_lens, &offsets, &members}) {
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(),
+                "index tensors must be contiguous int64");
+  }
+  TORCH_CHECK(offsets.numel() == prefix_rows.numel() + 1 && prefix_lens.numel() == prefix_rows.numel(),
+              "one row and length per prefix, and one more offset");
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && lse.scalar_type() == torch::kFloat32 &&
+                  out.is_contiguous() && lse.is_contiguous() && out.sizes() == q.sizes() &&
+                  lse.numel() == q.size(0) * q.size(1),
+              "out and lse must be contiguous fp32 [batch, heads, head_dim] and [batch, heads]");
+  Args a{q.data_ptr(), q.stride(0), k_buf.data_ptr(), v_buf.data_ptr(), k_buf.stride(0),
+         req_to_token.data_ptr<int64_t>(), req_to_token.stride(0), nullptr, nullptr, nullptr,
+         nullptr, q.size(1), q.size(1) / k_buf.size(0), q.size(2), static_cast<float>(scale),
+         static_cast<float>(softcap), 0};
+  const Prefixes p{prefix_rows.data_ptr<int64_t>(), prefix_lens.data_ptr<int64_t>(),
+                   offsets.data_ptr<int64_t>(), members.data_ptr<int64_t>(),
+                   out.data_ptr<float>(), lse.data_ptr<float>()};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "shared_prefixes",
+                                  [&] {
+                                    auto run = [&](auto head_dim) {
+                                      shared_prefix_impl<scalar_t, decltype(head_dim)::value>(
+                                          a, p, prefix_rows.numel(), k_buf.size(0));
+                                    };
+                                    sglbatch::dispatch_head_dim(q.size(2), run);
+                                  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("extend_attention", &extend_attention, "Paged causal extend attention over a batch");
+  m.def("merge_shared_prefixes", &merge_shared_prefixes,
+        "Decode attention over shared prefixes, merged into each request's own part");
 }
