@@ -1,9 +1,12 @@
-// What the CPU kernels share: widening their dtype to fp32, and the head size as a
-// compile-time constant.
+// What the CPU kernels share: widening their dtype to fp32, the head size as a compile-time
+// constant, and the vector helpers of the attention kernels.
 #pragma once
 
 #include <torch/extension.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -46,5 +49,51 @@ void dispatch_head_dim(int64_t head_dim, Run&& run) {
       run(std::integral_constant<int64_t, 0>{});
   }
 }
+
+// The AVX512-BF16 dot-product path (vdpbf16ps on bf16 pairs): compile-time head sizes that
+// are whole 64-dim chunks.
+template <typename scalar_t, int64_t HEAD_DIM>
+constexpr bool kBf16Dot =
+#if defined(__AVX512BF16__)
+    std::is_same_v<scalar_t, c10::BFloat16> && HEAD_DIM > 0 && HEAD_DIM % 64 == 0;
+#else
+    false;
+#endif
+
+// Calls f(std::integral_constant<int, n>) for a runtime 1 <= n <= MAX: register tiles of any
+// width.
+template <int MAX, typename F>
+inline void with_width(int64_t n, F&& f) {
+  if constexpr (MAX > 1) {
+    if (n < MAX) return with_width<MAX - 1>(n, f);
+  }
+  f(std::integral_constant<int, MAX>{});
+}
+
+// Starts loading a pool row before its use: slots are scattered in the pool, where the
+// hardware prefetchers cannot follow them.
+inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b);
+}
+
+// exp's arguments are clamped here (exp(-80) ~ 1e-35, against a max term of 1): the vector
+// exp would handle out-of-range lanes one at a time, slowly.
+constexpr float kMinExp = -80.f;
+
+#if defined(__AVX512F__)
+// exp(x) for x <= 0 to ~2 ulp: 2^n * a degree-6 polynomial of the remainder r, |r| <= ln2/2.
+inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(kMinExp));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2, high bits
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);  // and the rest
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  return _mm512_scalef_ps(p, n);
+}
+#endif
 
 }  // namespace sglbatch

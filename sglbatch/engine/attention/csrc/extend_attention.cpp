@@ -36,27 +36,23 @@ constexpr int64_t kTargetLanes = 96;  // query lanes per task: reuse of each key
 constexpr int64_t kLaneAlign = 16;  // lanes are padded to whole 16-float vectors
 // The max of a lane that has seen no visible key: finite, so fast-math meets no infinity.
 constexpr float kMasked = -1e30f;
-// exp's arguments are clamped here (exp(-80) ~ 1e-35, against a max term of 1): the vector
-// exp would handle out-of-range lanes one at a time, slowly.
-constexpr float kMinExp = -80.f;
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
+using sglbatch::kBf16Dot;
+using sglbatch::kMinExp;
+using sglbatch::prefetch_row;
 using sglbatch::to_float;
+using sglbatch::with_width;
+#if defined(__AVX512F__)
+using sglbatch::exp_avx512;
+#endif
 
 template <typename scalar_t>
 inline scalar_t from_float(float x) {
   return static_cast<scalar_t>(x);
 }
 
-// The bf16 dot-product path: compile-time head sizes that are whole 64-dim chunks.
-template <typename scalar_t, int64_t HEAD_DIM>
-constexpr bool kBf16Dot =
-#if defined(__AVX512BF16__)
-    std::is_same_v<scalar_t, c10::BFloat16> && HEAD_DIM > 0 && HEAD_DIM % 64 == 0;
-#else
-    false;
-#endif
 
 // Extend: (request, kv head, its rows first_row ..); shared prefixes: (group, kv head, its
 // members first_row ..).
@@ -121,14 +117,6 @@ inline vecf load_vec(const float* p) {
 
 inline void store_vec(float* p, const vecf& v) { std::memcpy(p, &v, sizeof v); }
 
-// Calls f(std::integral_constant<int, n>) for a runtime 1 <= n <= MAX: tiles of any width.
-template <int MAX, typename F>
-inline void with_width(int64_t n, F&& f) {
-  if constexpr (MAX > 1) {
-    if (n < MAX) return with_width<MAX - 1>(n, f);
-  }
-  f(std::integral_constant<int, MAX>{});
-}
 
 // Scores of 4 keys (fp32 rows) against VECS * kVec lanes (queries as [dim][lanes]).
 template <int VECS, int64_t HEAD_DIM>
@@ -288,14 +276,6 @@ inline __m512i interleave_bf16(__m256i a, __m256i b) {
 
 inline __m256i bf16_bits(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
-// Starts loading a pool row a few keys before its use: slots may lie anywhere in the pool,
-// where the hardware prefetchers cannot follow them.
-template <int64_t HEAD_DIM>
-inline void prefetch_row(const c10::BFloat16* row) {
-  for (int64_t d = 0; d < HEAD_DIM; d += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(row + d), _MM_HINT_T0);
-  }
-}
 
 // Elements 2i and 2i + 1 of a bf16 row as one 32-bit word (the bf16 pair vdpbf16ps takes).
 inline uint32_t bf16_pair(const c10::BFloat16* row, int64_t i) {
@@ -304,19 +284,6 @@ inline uint32_t bf16_pair(const c10::BFloat16* row, int64_t i) {
   return word;
 }
 
-// exp(x) for x <= 0 to ~2 ulp: 2^n * a degree-6 polynomial of the remainder r, |r| <= ln2/2.
-inline __m512 exp_avx512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(kMinExp));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2, high bits
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);  // and the rest
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) {
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  }
-  return _mm512_scalef_ps(p, n);
-}
 
 // Keys per q.k tile: 3 x 6 accumulators leave registers for the operands (4 x 6 spill).
 constexpr int kTileKeys = 3;
@@ -353,7 +320,7 @@ void scores_bf16(const uint32_t* qp, int64_t lanes, const c10::BFloat16* k_head,
     for (int r = 0; r < kTileKeys; ++r) {
       k[r] = n + r < keys ? k_head + slots[n + r] * HEAD_DIM : zero_row;
       const int64_t ahead = n + kTileKeys + r;  // the next tile's key
-      if (ahead < keys) prefetch_row<HEAD_DIM>(k_head + slots[ahead] * HEAD_DIM);
+      if (ahead < keys) prefetch_row(k_head + slots[ahead] * HEAD_DIM, HEAD_DIM * 2);
     }
     for (int64_t c = 0; c < lanes / 16; c += 6) {
       const uint32_t* q = qp + 16 * c;
@@ -435,7 +402,7 @@ void values_bf16(const uint32_t* p_pairs, int64_t lanes, int64_t used, const flo
   const int64_t pairs = (keys + 1) / 2;
   for (int64_t j = 0; j < pairs; ++j) {
     for (int64_t ahead = 2 * j + 4; ahead < std::min(2 * j + 6, keys); ++ahead) {
-      prefetch_row<HEAD_DIM>(v_head + slots[ahead] * HEAD_DIM);
+      prefetch_row(v_head + slots[ahead] * HEAD_DIM, HEAD_DIM * 2);
     }
     const c10::BFloat16* v0 = v_head + slots[2 * j] * HEAD_DIM;
     const c10::BFloat16* v1 = 2 * j + 1 < keys ? v_head + slots[2 * j + 1] * HEAD_DIM : zero_row;
