@@ -137,3 +137,4 @@ def test_chunked_prefill_matches_one_pass(dtype):
             torch.testing.assert_close(out[1:].float(), expected[layer_id][new].float(),
                                        **tolerance(dtype))
         done += chunk
+

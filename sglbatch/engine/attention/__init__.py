@@ -44,9 +44,11 @@ def create_attention_backend(name: str, device: str, kv_pool: KVPool, num_heads:
                              layers: Sequence[LayerAttention] | None = None) -> AttentionBackend:
     args = (kv_pool, num_heads, num_kv_heads, head_dim, layers)
     if name == "deterministic":  # enable_deterministic_inference, on any device
-        from sglbatch.engine.attention.deterministic import DeterministicBackend
+        from sglbatch.engine.attention import deterministic
 
-        return DeterministicBackend(*args)
+        if resolve_backend_name("auto", device) == "cpu":  # the CPU kernels build here
+            return deterministic.CpuDeterministicBackend(*args)
+        return deterministic.DeterministicBackend(*args)
     name = resolve_backend_name(name, device, kv_pool.k_buffers[0].dtype)
     if name == "cpu":
         from sglbatch.engine.attention.cpu import CpuBackend

@@ -47,6 +47,9 @@ class _Extend:
 
 
 class CpuBackend(TorchNativeBackend):
+    # Extend key blocks at fixed positions (see extend_attention.cpp): the deterministic mode.
+    fixed_blocks = False
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._decode_kernel = cpu_kernels.load("decode_attention")
@@ -57,7 +60,10 @@ class CpuBackend(TorchNativeBackend):
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         if fb.mode == ForwardMode.DECODE:
             super().init_forward_metadata(fb)
-            return
+        else:
+            self._init_extend_metadata(fb)
+
+    def _init_extend_metadata(self, fb: ForwardBatch) -> None:
         # The same for every layer; the kernel reads these (int64) on the host.
         prefix_lens = torch.tensor(fb.prefix_lens_cpu, dtype=torch.int64, device="cpu")
         self._extend_meta = _Extend(fb.req_pool_indices.contiguous(), prefix_lens,
@@ -72,7 +78,7 @@ class CpuBackend(TorchNativeBackend):
         return self._extend_kernel.extend_attention(
             q, self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id],
             fb.req_to_token, m.rows, m.prefix_lens, m.extend_lens, m.starts, layer.scale,
-            layer.sliding_window or 0, layer.logit_softcap or 0.0)
+            layer.sliding_window or 0, layer.logit_softcap or 0.0, self.fixed_blocks)
 
     def _decode_metadata(self, fb: ForwardBatch, shared: list[_SharedPrefix],
                          prefix_lens: list[int], window: int | None) -> _DecodeMetadata:

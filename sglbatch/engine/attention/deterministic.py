@@ -1,7 +1,14 @@
 """Batch-invariant attention, for `enable_deterministic_inference`.
 
 A query row's result is computed by the same arithmetic whatever else shares its batch,
-however its prompt was chunked, and whether its prefix came from the radix cache:
+however its prompt was chunked, and whether its prefix came from the radix cache.
+
+On the CPU, where its kernels build, `CpuDeterministicBackend` runs every row, a decode
+token's too, as a row of the CPU backend's extend kernel: a task's query lanes never mix
+(each has its own dot products, softmax and value sums), key blocks sit at fixed positions,
+and a masked key adds an exact 0.
+
+Elsewhere `DeterministicBackend` does it in torch ops:
 
 - every row reads its keys back from the pool (its own included, written first), in fixed
   blocks of BLOCK positions counted from position 0, merged in order by an online softmax;
@@ -21,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from sglbatch.engine.attention.base import AttentionBackend, LayerAttention
+from sglbatch.engine.attention.cpu import CpuBackend
 from sglbatch.engine.batch import ForwardBatch
 
 BLOCK = 64  # keys per block: the fixed split size
@@ -89,6 +97,26 @@ class DeterministicBackend(AttentionBackend):
             total = total * rescale + probs.sum(-1)
             running_max = new_max
         return state / total.unsqueeze(-1)
+
+
+class CpuDeterministicBackend(CpuBackend):
+    """Every forward, decode included, through the extend kernel with fixed key blocks;
+    without the cascade and the decode kernel's split of long rows, which would change a
+    row's sums with its batch."""
+
+    fixed_blocks = True
+
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
+        self._init_extend_metadata(fb)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
+                fb: ForwardBatch, kv_stored: bool = False) -> torch.Tensor:
+        if not kv_stored:
+            self.kv_pool.set_kv(layer_id, fb.out_cache_loc,
+                                k.view(-1, self.num_kv_heads, self.head_dim),
+                                v.view(-1, self.num_kv_heads, self.head_dim))
+        out = self._extend(q.view(-1, self.num_heads, self.head_dim), k, v, layer_id, fb)
+        return out.view(-1, self.num_heads * self.head_dim)
 
 
 def _exp_per_row(x: torch.Tensor) -> torch.Tensor:

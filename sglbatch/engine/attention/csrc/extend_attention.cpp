@@ -452,6 +452,9 @@ struct Args {
   int64_t num_heads, group, head_dim;
   float scale, softcap;
   int64_t window;
+  // Key blocks start at multiples of kBlockKeys for every task, so a row's sums run in the
+  // same blocks whichever rows share its task (batch-invariant; without a window they do).
+  bool fixed_blocks;
 };
 
 // The task's query lanes, transposed to [dim][lane] (bf16: [dim / 2][lane] pairs), padding
@@ -531,7 +534,8 @@ void run_task(const Args& a, const Task& t, Scratch& w) {
                                    dim, used, lanes, w);
   // Keys from the first row's window start to the last row's position.
   const int64_t last_pos = first_pos + t.rows - 1;
-  const int64_t key_begin = a.window > 0 ? std::max<int64_t>(0, first_pos - a.window + 1) : 0;
+  int64_t key_begin = a.window > 0 ? std::max<int64_t>(0, first_pos - a.window + 1) : 0;
+  if (a.fixed_blocks) key_begin -= key_begin % kBlockKeys;
   attend<scalar_t, HEAD_DIM>(a, t.kv_head, a.table + a.rows[t.req] * a.table_stride, key_begin,
                              last_pos + 1, lanes, used, /*causal=*/true, w);
 
@@ -663,13 +667,14 @@ void shared_prefix_impl(const Args& a, const Prefixes& p, int64_t num_prefixes,
 // head_dim] (one layer, the step's K/V already written). Request b owns q rows
 // starts[b] .. starts[b] + extend_lens[b], at positions prefix_lens[b] ..; its keys at
 // positions 0 .. are slots req_to_token[rows[b], :]. window > 0: a query at position p sees
-// keys p - window + 1 .. p; softcap > 0 soft-caps the scaled scores. Returns [tokens, heads,
-// head_dim] in q's dtype.
+// keys p - window + 1 .. p; softcap > 0 soft-caps the scaled scores. fixed_blocks: a row's
+// result has the same bits in any batch, chunk or task (the keys of a window's first block
+// before the window are read, masked). Returns [tokens, heads, head_dim] in q's dtype.
 torch::Tensor extend_attention(const torch::Tensor& q, const torch::Tensor& k_buf,
                                const torch::Tensor& v_buf, const torch::Tensor& req_to_token,
                                const torch::Tensor& rows, const torch::Tensor& prefix_lens,
                                const torch::Tensor& extend_lens, const torch::Tensor& starts,
-                               double scale, int64_t window, double softcap) {
+                               double scale, int64_t window, double softcap, bool fixed_blocks) {
   TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3, "expected 3-d q and pools");
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous");
   TORCH_CHECK(k_buf.is_contiguous() && v_buf.is_contiguous(), "the pools must be contiguous");
@@ -689,7 +694,7 @@ torch::Tensor extend_attention(const torch::Tensor& q, const torch::Tensor& k_bu
          req_to_token.data_ptr<int64_t>(), req_to_token.stride(0), rows.data_ptr<int64_t>(),
          prefix_lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), out.data_ptr(),
          q.size(1), q.size(1) / k_buf.size(0), q.size(2), static_cast<float>(scale),
-         static_cast<float>(softcap), window};
+         static_cast<float>(softcap), window, fixed_blocks};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "extend_attention",
                                   [&] {
                                     auto run = [&](auto head_dim) {
@@ -725,8 +730,9 @@ void merge_shared_prefixes(const torch::Tensor& q, const torch::Tensor& k_buf,
     TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(),
                 "index tensors must be contiguous int64");
   }
-  TORCH_CHECK(offsets.numel() == prefix_rows.numel() + 1 && prefix_lens.numel() == prefix_rows.numel(),
-              "one row and length per prefix, and one more offset");
+  TORCH_CHECK(
+      offsets.numel() == prefix_rows.numel() + 1 && prefix_lens.numel() == prefix_rows.numel(),
+      "one row and length per prefix, and one more offset");
   TORCH_CHECK(out.scalar_type() == torch::kFloat32 && lse.scalar_type() == torch::kFloat32 &&
                   out.is_contiguous() && lse.is_contiguous() && out.sizes() == q.sizes() &&
                   lse.numel() == q.size(0) * q.size(1),
@@ -734,7 +740,7 @@ void merge_shared_prefixes(const torch::Tensor& q, const torch::Tensor& k_buf,
   Args a{q.data_ptr(), q.stride(0), k_buf.data_ptr(), v_buf.data_ptr(), k_buf.stride(0),
          req_to_token.data_ptr<int64_t>(), req_to_token.stride(0), nullptr, nullptr, nullptr,
          nullptr, q.size(1), q.size(1) / k_buf.size(0), q.size(2), static_cast<float>(scale),
-         static_cast<float>(softcap), 0};
+         static_cast<float>(softcap), 0, false};
   const Prefixes p{prefix_rows.data_ptr<int64_t>(), prefix_lens.data_ptr<int64_t>(),
                    offsets.data_ptr<int64_t>(), members.data_ptr<int64_t>(),
                    out.data_ptr<float>(), lse.data_ptr<float>()};
