@@ -60,6 +60,13 @@ class AttentionBackend(ABC):
         `seq_lens` [batch] int32 a static buffer the graph runner refills before replays."""
         raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
+    def store_kv(self, layer_id: int, fb: ForwardBatch, k: torch.Tensor, v: torch.Tensor
+                 ) -> None:
+        """The step's new K/V ([tokens, kv_heads * head_dim]) into their slots."""
+        self.kv_pool.set_kv(layer_id, fb.out_cache_loc,
+                            k.view(-1, self.num_kv_heads, self.head_dim),
+                            v.view(-1, self.num_kv_heads, self.head_dim))
+
     @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 fb: ForwardBatch) -> torch.Tensor:

@@ -50,9 +50,7 @@ class DeterministicBackend(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 fb: ForwardBatch, kv_stored: bool = False) -> torch.Tensor:
         if not kv_stored:
-            self.kv_pool.set_kv(layer_id, fb.out_cache_loc,
-                                k.view(-1, self.num_kv_heads, self.head_dim),
-                                v.view(-1, self.num_kv_heads, self.head_dim))
+            self.store_kv(layer_id, fb, k, v)
         group = self.num_heads // self.num_kv_heads
         q = q.view(-1, self.num_kv_heads, group, self.head_dim)
         out = torch.empty_like(q)
@@ -112,9 +110,7 @@ class CpuDeterministicBackend(CpuBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 fb: ForwardBatch, kv_stored: bool = False) -> torch.Tensor:
         if not kv_stored:
-            self.kv_pool.set_kv(layer_id, fb.out_cache_loc,
-                                k.view(-1, self.num_kv_heads, self.head_dim),
-                                v.view(-1, self.num_kv_heads, self.head_dim))
+            self.store_kv(layer_id, fb, k, v)
         out = self._extend(q.view(-1, self.num_heads, self.head_dim), k, v, layer_id, fb)
         return out.view(-1, self.num_heads * self.head_dim)
 

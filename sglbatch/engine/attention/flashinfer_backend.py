@@ -94,7 +94,7 @@ class FlashInferBackend(AttentionBackend):
                 fb: ForwardBatch) -> torch.Tensor:
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        self.kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
+        self.store_kv(layer_id, fb, k, v)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         decode, prefill = self._wrappers[self.layers[layer_id]]
         wrapper = decode if fb.mode == ForwardMode.DECODE else prefill

@@ -171,7 +171,7 @@ class TorchNativeBackend(AttentionBackend):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if not kv_stored:
-            self.kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
+            self.store_kv(layer_id, fb, k, v)
         q = q.view(-1, self.num_heads, self.head_dim)
         if fb.mode == ForwardMode.DECODE:
             self._decode_meta = self._decode_metas[self.layers[layer_id].sliding_window]

@@ -661,6 +661,19 @@ void shared_prefix_impl(const Args& a, const Prefixes& p, int64_t num_prefixes,
                                 });
 }
 
+// q [tokens, heads, head_dim] with contiguous heads, and one layer's pools [kv_heads, slots,
+// head_dim], contiguous, of q's dtype and head size.
+void check_q_and_pools(const torch::Tensor& q, const torch::Tensor& k_buf,
+                       const torch::Tensor& v_buf) {
+  TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3, "expected 3-d q and pools");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous");
+  TORCH_CHECK(k_buf.is_contiguous() && v_buf.is_contiguous(), "the pools must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_buf.scalar_type() && k_buf.scalar_type() == v_buf.scalar_type(),
+              "q and the pools must share a dtype");
+  TORCH_CHECK(q.size(1) % k_buf.size(0) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(q.size(2) == k_buf.size(2), "head_dim of q and the pool differ");
+}
+
 }  // namespace
 
 // q: [tokens, heads, head_dim] (rows may be strided); k_buf, v_buf: [kv_heads, slots,
@@ -675,13 +688,7 @@ torch::Tensor extend_attention(const torch::Tensor& q, const torch::Tensor& k_bu
                                const torch::Tensor& rows, const torch::Tensor& prefix_lens,
                                const torch::Tensor& extend_lens, const torch::Tensor& starts,
                                double scale, int64_t window, double softcap, bool fixed_blocks) {
-  TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3, "expected 3-d q and pools");
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous");
-  TORCH_CHECK(k_buf.is_contiguous() && v_buf.is_contiguous(), "the pools must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_buf.scalar_type() && k_buf.scalar_type() == v_buf.scalar_type(),
-              "q and the pools must share a dtype");
-  TORCH_CHECK(q.size(1) % k_buf.size(0) == 0, "heads must be a multiple of kv heads");
-  TORCH_CHECK(q.size(2) == k_buf.size(2), "head_dim of q and the pool differ");
+  check_q_and_pools(q, k_buf, v_buf);
   TORCH_CHECK(req_to_token.size(1) < (int64_t{1} << 31), "positions must fit in int32");
   for (const auto* t : {&req_to_token, &rows, &prefix_lens, &extend_lens, &starts}) {
     TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(),
@@ -719,13 +726,7 @@ void merge_shared_prefixes(const torch::Tensor& q, const torch::Tensor& k_buf,
                            const torch::Tensor& offsets, const torch::Tensor& members,
                            double scale, double softcap, torch::Tensor& out,
                            torch::Tensor& lse) {
-  TORCH_CHECK(q.dim() == 3 && k_buf.dim() == 3 && v_buf.dim() == 3, "expected 3-d q and pools");
-  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q's heads must be contiguous");
-  TORCH_CHECK(k_buf.is_contiguous() && v_buf.is_contiguous(), "the pools must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_buf.scalar_type() && k_buf.scalar_type() == v_buf.scalar_type(),
-              "q and the pools must share a dtype");
-  TORCH_CHECK(q.size(1) % k_buf.size(0) == 0, "heads must be a multiple of kv heads");
-  TORCH_CHECK(q.size(2) == k_buf.size(2), "head_dim of q and the pool differ");
+  check_q_and_pools(q, k_buf, v_buf);
   for (const auto* t : {&req_to_token, &prefix_rows, &prefix_lens, &offsets, &members}) {
     TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(),
                 "index tensors must be contiguous int64");
