@@ -9,6 +9,7 @@
 #endif
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 
 namespace sglbatch {
@@ -47,6 +48,14 @@ void dispatch_head_dim(int64_t head_dim, Run&& run) {
       break;
     default:
       run(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+// The kernels read index tensors as raw int64 arrays on the host.
+inline void check_indices(std::initializer_list<const torch::Tensor*> tensors) {
+  for (const auto* t : tensors) {
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(),
+                "index tensors must be contiguous int64");
   }
 }
 

@@ -487,10 +487,7 @@ std::vector<torch::Tensor> decode_attention(const torch::Tensor& q, const torch:
               "q and the pools must share a dtype");
   TORCH_CHECK(q.size(1) % k_buf.size(0) == 0, "heads must be a multiple of kv heads");
   TORCH_CHECK(q.size(2) == k_buf.size(2), "head_dim of q and the pool differ");
-  for (const auto* t : {&req_to_token, &rows, &starts, &ends}) {
-    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(),
-                "index tensors must be contiguous int64");
-  }
+  sglbatch::check_indices({&req_to_token, &rows, &starts, &ends});
   auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(torch::kFloat32));
   auto lse = torch::empty({q.size(0), q.size(1)}, q.options().dtype(torch::kFloat32));
   const Args a{q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(), k_buf.stride(0),

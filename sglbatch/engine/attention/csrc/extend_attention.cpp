@@ -690,10 +690,7 @@ torch::Tensor extend_attention(const torch::Tensor& q, const torch::Tensor& k_bu
                                double scale, int64_t window, double softcap, bool fixed_blocks) {
   check_q_and_pools(q, k_buf, v_buf);
   TORCH_CHECK(req_to_token.size(1) < (int64_t{1} << 31), "positions must fit in int32");
-  for (const auto* t : {&req_to_token, &rows, &prefix_lens, &extend_lens, &starts}) {
-    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(),
-                "index tensors must be contiguous int64");
-  }
+  sglbatch::check_indices({&req_to_token, &rows, &prefix_lens, &extend_lens, &starts});
   // A window no sequence outgrows is no window (and positions stay within int32).
   if (window >= req_to_token.size(1)) window = 0;
   auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
@@ -727,10 +724,7 @@ void merge_shared_prefixes(const torch::Tensor& q, const torch::Tensor& k_buf,
                            double scale, double softcap, torch::Tensor& out,
                            torch::Tensor& lse) {
   check_q_and_pools(q, k_buf, v_buf);
-  for (const auto* t : {&req_to_token, &prefix_rows, &prefix_lens, &offsets, &members}) {
-    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(),
-                "index tensors must be contiguous int64");
-  }
+  sglbatch::check_indices({&req_to_token, &prefix_rows, &prefix_lens, &offsets, &members});
   TORCH_CHECK(
       offsets.numel() == prefix_rows.numel() + 1 && prefix_lens.numel() == prefix_rows.numel(),
       "one row and length per prefix, and one more offset");
