@@ -21,3 +21,27 @@ def engine_backend(engine):
     from sglbatch.lang.backend.engine import EngineBackend
 
     return EngineBackend.for_engine(engine)
+
+
+
+@pytest.fixture
+def record_stream(monkeypatch):
+    """record_stream(backend) -> the non-empty pieces `backend.generate_stream` yields,
+    recorded as the executor takes them. text_iter polls the executor, so when the consumer
+    thread is slow every piece arrives before its first poll and it yields one; counting
+    here does not race."""
+
+    def record(backend) -> list[str]:
+        pieces: list[str] = []
+        original = backend.generate_stream
+
+        def recording(s, sampling_params):
+            for comp, meta_info in original(s, sampling_params=sampling_params):
+                if comp:
+                    pieces.append(comp)
+                yield comp, meta_info
+
+        monkeypatch.setattr(backend, "generate_stream", recording)
+        return pieces
+
+    return record

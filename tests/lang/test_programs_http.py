@@ -146,12 +146,14 @@ def test_endpoint_run_batch_equals_engine(endpoint, engine):
     assert all(s["answer"].strip() and "\n" not in s["answer"] for s in ours)
 
 
-def test_endpoint_streaming_text_iter(endpoint, engine_results):
+def test_endpoint_streaming_text_iter(endpoint, engine_results, record_stream):
     ref = engine_results("multi_turn_question")
     case = CASES_BY_NAME["multi_turn_question"]
+    streamed = record_stream(endpoint)
     state = case.program.run(**case.kwargs, backend=endpoint, temperature=0, stream=True)
     pieces = list(state.text_iter(var_name="answer_1"))
-    assert len(pieces) > 1 and "".join(pieces) == ref["answer_1"]
+    assert "".join(pieces) == ref["answer_1"]
+    assert len(streamed) > 2  # both answers arrived in several deltas
     state.sync()
     assert state.text() == ref.text()
 
@@ -242,15 +244,17 @@ def test_openai_chat_programs(openai_chat, endpoint, name):
     assert state.messages() == ref.messages()
 
 
-def test_openai_chat_stream_and_usage(openai_chat):
+def test_openai_chat_stream_and_usage(openai_chat, record_stream):
     before = openai_chat.token_usage.completion_tokens
+    streamed = record_stream(openai_chat)
     state = chat_qa.run(question="What is the capital of France?", backend=openai_chat,
                         temperature=0, stream=True)
     pieces = list(state.text_iter(var_name="answer"))
     state.sync()
+    assert len(streamed) > 1 and "".join(streamed) == "".join(pieces)
     plain = chat_qa.run(question="What is the capital of France?", backend=openai_chat,
                         temperature=0)
-    assert len(pieces) > 1 and "".join(pieces) == plain["answer"]
+    assert "".join(pieces) == plain["answer"]
     assert "paris" in plain["answer"].lower()
     assert openai_chat.token_usage.completion_tokens > before
 
