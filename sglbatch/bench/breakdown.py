@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sglbatch.engine.layers.fused_cpu import TRACE_NAME as CPU_ELEMENTWISE_RANGE
+from sglbatch.engine.layers.linear import TRACE_NAME as CPU_LINEAR_RANGE
 
 CATEGORIES = {
     "linear": "linear layers (matmuls)",
@@ -44,6 +45,8 @@ _PHASES = {"sglbatch.schedule": "schedule", "sglbatch.prepare": "prepare",
            "sglbatch.attention_backend": "attention",
            # The CPU's fused norm and rope kernels (engine.layers.fused_cpu).
            CPU_ELEMENTWISE_RANGE: "other_model_ops",
+           # The CPU's bf16 linear kernel (engine.layers.linear), SwiGLU included.
+           CPU_LINEAR_RANGE: "linear",
            "sglbatch.forward_extend": "forward", "sglbatch.forward_decode": "forward"}
 _MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
             "aten::linear", "mkldnn::_linear_pointwise", "aten::_weight_int4pack_mm")

@@ -9,7 +9,7 @@ from pathlib import Path
 from sglbatch.cli import main
 
 MATMULS = {"aten::mm", "aten::linear", "aten::addmm", "aten::matmul", "aten::bmm",
-           "mkldnn::_linear_pointwise"}
+           "mkldnn::_linear_pointwise", "sglbatch.linear"}
 
 
 def trace_names(path: Path) -> set[str]:

@@ -26,6 +26,7 @@ def test_breakdown_attributes_self_time_by_phase_and_outermost_op(tmp_path):
         _event("aten::rms_norm", 25, 5),
         _event("sglbatch.attention_backend", 30, 30, ann),
         _event("aten::index_put_", 31, 4), _event("aten::bmm", 40, 10),  # bmm: attention
+        _event("sglbatch.linear", 61, 6, ann), _event("aten::empty", 62, 1),  # the CPU kernel
         _event("sglbatch.sample", 70, 20, ann), _event("aten::argmax", 71, 15),
         _event("sglbatch.step", 200, 50, ann),  # a prefill step: no decode forward
         _event("sglbatch.forward_extend", 201, 40, ann),
@@ -34,10 +35,10 @@ def test_breakdown_attributes_self_time_by_phase_and_outermost_op(tmp_path):
     path.write_text(json.dumps({"traceEvents": events}))
     ms = {k: v * 1e3 for k, v in step_breakdown(path, decode_only=True)["ms_per_step"].items()}
     assert ms == pytest.approx({
-        "linear": 10, "attention": 26, "gathers_kv_writes": 3 + 4, "other_model_ops": 5,
+        "linear": 10 + 6, "attention": 26, "gathers_kv_writes": 3 + 4, "other_model_ops": 5,
         "sampling": 20, "prepare": 0, "schedule": 9, "output_processing": 0,
-        # the forward's time between ops (60 - 10 - 3 - 5 - 30) and the step's own
-        "python": 12 + 100 - 9 - 60 - 20})
+        # the forward's time between ops (60 - 10 - 3 - 5 - 30 - 6) and the step's own
+        "python": 6 + 100 - 9 - 60 - 20})
     assert step_breakdown(path)["steps"] == 2
 
 

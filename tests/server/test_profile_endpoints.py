@@ -43,7 +43,7 @@ def test_profile_a_generate_between_start_and_stop(server, tmp_path):
                  "sglbatch.sample", "sglbatch.process_output", "sglbatch.layer.0"):
         assert name in names, name
     assert names & {"aten::mm", "aten::linear", "aten::bmm", "aten::matmul",
-                    "mkldnn::_linear_pointwise"}
+                    "mkldnn::_linear_pointwise", "sglbatch.linear"}
 
 
 def test_profile_stops_itself_after_num_steps(server, tmp_path):

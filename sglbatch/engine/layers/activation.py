@@ -16,3 +16,9 @@ def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """GeGLU (Gemma) over a fused [.., 2 * d] gate/up projection: gelu_tanh(gate) * up."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
+
+
+def applied_by_gate_up(gate_up_activated: torch.Tensor) -> torch.Tensor:
+    """An MLP's `act` where its gate/up projection already applied the activation (the CPU's
+    bf16 kernel, layers.linear.PackedSiluMulLinear)."""
+    return gate_up_activated
