@@ -2,9 +2,11 @@
 each RMSNorm (with the residual add before it) in one pass per row, and rope together with
 the store of the new K/V into the pool (models.llama's attention decides where it runs).
 
-Rope gives the torch ops' bits in every dtype. The norm sums its squares in another order
-than torch's reduction, so fp32 models, which must match transformers token for token, keep
-torch's norm; 16-bit ones round as torch does but for a rare one-unit difference.
+Rope gives the torch ops' bits in every dtype (in bf16 with AVX512-BF16, but for values
+below bf16's normal range, ~1e-38, which its rounding instruction flushes to zero). The norm
+sums its squares in another order than torch's reduction, so fp32 models, which must match
+transformers token for token, keep torch's norm; 16-bit ones round as torch does but for a
+rare one-unit difference.
 """
 
 from __future__ import annotations

@@ -82,8 +82,17 @@ inline Vec load(const c10::Half* p, int64_t n) {
 
 inline void store(float* p, Vec v, int64_t n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
 
+#if defined(__AVX512BF16__)
+// vcvtneps2bf16 rounds to nearest even as c10::BFloat16 does, in one instruction against
+// eight; it differs only on inputs below bf16's normal range (flushed to zero) and in NaN
+// payloads.
+inline __m256i bf16_half(Vec v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+#else
+inline __m256i bf16_half(Vec v) { return _mm512_cvtepi32_epi16(bf16_bits(v)); }
+#endif
+
 inline void store(c10::BFloat16* p, Vec v, int64_t n) {
-  _mm256_mask_storeu_epi16(p, lanes(n), _mm512_cvtepi32_epi16(bf16_bits(v)));
+  _mm256_mask_storeu_epi16(p, lanes(n), bf16_half(v));
 }
 
 inline void store(c10::Half* p, Vec v, int64_t n) {
@@ -96,7 +105,7 @@ inline Vec round_to(Vec v) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return v;
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_half(v)), 16));
   } else {
     return _mm512_cvtph_ps(half_bits(v));
   }
