@@ -11,6 +11,7 @@ from torch import nn
 
 from sglbatch.engine.layers import linear as L
 from sglbatch.engine.layers.activation import applied_by_gate_up, silu_and_mul
+from sglbatch.engine.layers.moe import GatedMLP
 
 KERNELS = L.bf16_kernels(torch.bfloat16)
 needs_kernel = pytest.mark.skipif(KERNELS is None, reason="no AVX512-BF16 build on this CPU")
@@ -90,20 +91,9 @@ def test_bad_input_names_what_is_wrong():
         KERNELS.linear(torch.randn(2, 32).bfloat16(), weight, None, 65)
 
 
-class _Mlp(nn.Module):
-    def __init__(self, hidden: int, columns: int, bias: bool):
-        super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * columns, bias=False)
-        self.down_proj = nn.Linear(columns, hidden, bias=bias)
-        self.act = silu_and_mul
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
-
-
 def _model(dtype: torch.dtype) -> nn.Module:
     torch.manual_seed(1)
-    model = nn.Sequential(_Mlp(96, 160, bias=True), nn.Linear(96, 80))
+    model = nn.Sequential(GatedMLP(96, 160), nn.Linear(96, 80))  # the last with a bias
     for p in model.parameters():
         p.data.normal_(0, 0.1)
     return model.to(dtype).eval()
