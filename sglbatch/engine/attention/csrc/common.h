@@ -90,6 +90,11 @@ inline void prefetch_row(const void* row, int64_t bytes) {
 constexpr float kMinExp = -80.f;
 
 #if defined(__AVX512F__)
+// The mask of the first min(n, 16) lanes (none for n <= 0): a row's last, partial vector.
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
+}
+
 // exp(x) for x <= 0 to ~2 ulp: 2^n * a degree-6 polynomial of the remainder r, |r| <= ln2/2.
 inline __m512 exp_avx512(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(kMinExp));

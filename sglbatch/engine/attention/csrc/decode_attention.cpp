@@ -42,6 +42,7 @@ using sglbatch::to_float;
 using sglbatch::with_width;
 #if defined(__AVX512F__)
 using sglbatch::exp_avx512;
+using sglbatch::first_lanes;
 #endif
 
 // Keys per online-softmax step: the chunk's K and V rows (8 KiB each at 64 dims) and its
@@ -62,13 +63,6 @@ constexpr int64_t kAheadBytes = 4096;
 constexpr int64_t keys_ahead(int64_t row_bytes) {
   return std::max<int64_t>(4, kAheadBytes / row_bytes);
 }
-
-#if defined(__AVX512F__)
-// The mask of the first min(n, 16) lanes: a chunk's last, partial vector.
-inline __mmask16 first_lanes(int64_t n) {
-  return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
-}
-#endif
 
 
 // Folds one chunk's scores s[0, n) into a head's running max and sum: s becomes

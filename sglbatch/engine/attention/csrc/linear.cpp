@@ -73,10 +73,6 @@ inline __m512 silu_mul(__m512 g, __m512 u) {
   return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), u);
 }
 
-inline __mmask16 lanes(int64_t valid) {
-  return valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << std::max<int64_t>(valid, 0)) - 1);
-}
-
 struct Problem {
   const uint16_t* x;
   int64_t ldx, rows, pairs;
@@ -98,7 +94,7 @@ void run_tile(const Problem& p, int64_t block, int64_t row0, const char* prefetc
     const int64_t col0 = block * kBlock;
     for (int j = 0; j < 4; ++j) {
       const int64_t col = col0 + 16 * j;
-      const __mmask16 mask = lanes(p.out_columns - col);
+      const __mmask16 mask = sglbatch::first_lanes(p.out_columns - col);
       if (!mask) break;
       const __m512 bias = p.bias ? _mm512_maskz_loadu_ps(mask, p.bias + col) : _mm512_setzero_ps();
       for (int r = 0; r < ROWS; ++r) {
@@ -109,7 +105,7 @@ void run_tile(const Problem& p, int64_t block, int64_t row0, const char* prefetc
     const int64_t col0 = block * (kBlock / 2);
     for (int j = 0; j < 2; ++j) {
       const int64_t col = col0 + 16 * j;
-      const __mmask16 mask = lanes(p.out_columns - col);
+      const __mmask16 mask = sglbatch::first_lanes(p.out_columns - col);
       if (!mask) break;
       for (int r = 0; r < ROWS; ++r) {
         store_bf16(p.out + (row0 + r) * p.ldo + col, silu_mul(acc[r][j], acc[r][j + 2]), mask);
