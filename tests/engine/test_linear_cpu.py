@@ -85,7 +85,7 @@ def test_bad_input_names_what_is_wrong():
         KERNELS.linear(torch.randn(2, 32), weight, None, 64)
     with pytest.raises(RuntimeError, match="33 columns; the packed weight takes 32"):
         KERNELS.linear(torch.randn(2, 33).bfloat16(), weight, None, 64)
-    with pytest.raises(RuntimeError, match="pack_weight"):
+    with pytest.raises(RuntimeError, match="from pack_bf16_weight"):
         KERNELS.linear(torch.randn(2, 32).bfloat16(), torch.randn(64, 32).bfloat16(), None, 64)
     with pytest.raises(RuntimeError, match="out_features"):
         KERNELS.linear(torch.randn(2, 32).bfloat16(), weight, None, 65)

@@ -8,8 +8,9 @@
 // at K = 576) stay in L2 while every row tile of x passes over them, and the next block is
 // prefetched meanwhile.
 //
-// Weights are packed once (pack_weight in layers/linear.py) as [N/64][K/2][64][2] bf16: for
-// each pair of k, the 64 columns' two weights side by side, the operand order of vdpbf16ps.
+// Weights are packed once (pack_bf16_weight in layers/linear.py) as [N/64][K/2][64][2]
+// bf16: for each pair of k, the 64 columns' two weights side by side, the operand order of
+// vdpbf16ps.
 // Each row's sum runs over k in the same order whatever the number of rows, so a row gets
 // the same bits in any batch.
 #include "common.h"
@@ -139,7 +140,7 @@ void check(const torch::Tensor& x, const torch::Tensor& packed) {
               "x must be a [rows, in_features] bf16 tensor with unit column stride");
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kBFloat16 &&
                   packed.is_contiguous() && packed.size(2) == kBlock && packed.size(3) == 2,
-              "the weight must come from pack_weight: contiguous [N/64, K/2, 64, 2] bf16");
+              "the weight must come from pack_bf16_weight: contiguous [N/64, K/2, 64, 2] bf16");
   TORCH_CHECK(packed.size(1) * 2 >= x.size(1) && packed.size(1) * 2 <= x.size(1) + 1,
               "x has ", x.size(1), " columns; the packed weight takes ", packed.size(1) * 2);
 }
@@ -211,8 +212,8 @@ bool available() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x @ W^T (+ bias), bf16, W from pack_weight");
+  m.def("linear", &linear, "x @ W^T (+ bias), bf16, W from pack_bf16_weight");
   m.def("silu_mul_linear", &silu_mul_linear,
-        "SiLU(x @ gate^T) * (x @ up^T), bf16, gate and up from pack_gate_up");
+        "SiLU(x @ gate^T) * (x @ up^T), bf16, gate and up from pack_bf16_gate_up");
   m.def("available", &available, "whether this build has the AVX512-BF16 path");
 }
