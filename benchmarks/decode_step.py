@@ -40,7 +40,9 @@ def main() -> None:
 
     def step():
         batch = scheduler.schedule()
-        scheduler.process_output(batch, runner.forward_and_sample(batch))
+        launched = runner.launch(batch)
+        scheduler.on_launched(batch, launched.placeholders)
+        scheduler.process_output(batch, launched.result())
         return batch
 
     while scheduler.waiting or scheduler.chunked_req:

@@ -1,4 +1,4 @@
-"""The GPU check: one command for a person with a CUDA GPU, about 6 minutes on one GPU.
+"""The GPU check: one command for a person with a CUDA GPU, about 8 minutes on one GPU.
 
     python benchmarks/gpu_check.py [--out gpu_check] [--gsm8k-path ../shared/datasets/gsm8k]
 
@@ -6,9 +6,12 @@ It runs, each step with its own time limit and log under --out:
 1. the Triton kernel tests (tests/kernels) on the GPU;
 2. the engine's GPU tests (tests/engine/test_gpu.py: greedy vs transformers on CUDA, CUDA
    graphs, torch.compile, the attention backends, FlashInfer where installed);
-3. `sglbatch bench offline --device cuda --baseline transformers` on random prompts and on
+3. the overlap schedule's tests (tests/engine/test_overlap_schedule.py) on CUDA: outputs
+   with it on equal those with it off;
+4. `sglbatch bench offline --device cuda --baseline transformers` on random prompts and on
    GSM8K 5-shot: the engine and transformers `generate` on the same GPU, same requests;
-4. tensor parallelism: tp 2 greedy tokens equal tp 1 (NCCL), skipped with one GPU.
+   the random workload again with --disable-overlap-schedule (what the overlap gains);
+5. tensor parallelism: tp 2 greedy tokens equal tp 1 (NCCL), skipped with one GPU.
 It ends in one summary table (also written to --out/summary.json) and exits 1 if a step
 failed. Offline once the default model is in $SGLBATCH_CACHE_DIR and GSM8K is on disk.
 """
@@ -56,6 +59,8 @@ def _bench(name: str, dataset: list[str], out: Path, timeout_s: int, device: str
 def build_steps(args: argparse.Namespace, gpu_count: int) -> list[Step]:
     out = args.out
     gsm8k = ["--dataset-path", str(args.gsm8k_path)] if args.gsm8k_path else []
+    random = ["--dataset-name", "random", "--num-prompts", "256", "--random-input-len", "256",
+              "--random-output-len", "128"]
     tp = _pytest("tensor parallel tp 2", ["-m", "gpu", "tests/engine/parallel/test_gpu_tp.py"],
                  out, 240)
     if gpu_count < 2:
@@ -63,9 +68,9 @@ def build_steps(args: argparse.Namespace, gpu_count: int) -> list[Step]:
     return [
         _pytest("kernel tests", ["tests/kernels"], out, 150),
         _pytest("engine GPU tests", ["-m", "gpu", "tests/engine/test_gpu.py"], out, 240),
-        _bench("bench random", ["--dataset-name", "random", "--num-prompts", "256",
-                                "--random-input-len", "256", "--random-output-len", "128"],
-               out, 120),
+        _pytest("overlap schedule", ["tests/engine/test_overlap_schedule.py"], out, 150),
+        _bench("bench random", random, out, 120),
+        _bench("bench random, no overlap", [*random, "--disable-overlap-schedule"], out, 120),
         _bench("bench gsm8k", ["--dataset-name", "gsm8k", "--num-prompts", "128", *gsm8k],
                out, 120),
         tp,

@@ -31,7 +31,7 @@ def failing(forward: Callable[..., Any], when: Callable[[Any], bool]) -> Callabl
 
 def fail_forward(engine: Any, when: Callable[[Any], bool]) -> None:
     runner = engine.model_runner
-    runner.forward_and_sample = failing(runner.forward_and_sample, when)
+    runner.launch = failing(runner.launch, when)
 
 
 class FirstCalls:
@@ -49,6 +49,6 @@ if __name__ == "__main__":
     from sglbatch.cli import main
     from sglbatch.engine.model_runner import ModelRunner
 
-    ModelRunner.forward_and_sample = failing(ModelRunner.forward_and_sample,
+    ModelRunner.launch = failing(ModelRunner.launch,
                                              has_poisoned_request)
     sys.exit(main())

@@ -5,7 +5,8 @@ or an op) contributes its self time (its duration less its children's) to one ca
 
 - a phase range decides it: `sglbatch.schedule`, `sglbatch.prepare` (step inputs, forward
   batch, attention metadata), `sglbatch.sample` (and `sglbatch.input_logprobs`),
-  `sglbatch.process_output`;
+  `sglbatch.process_output`, `sglbatch.wait_device` (reading a launched step's tokens: on
+  a GPU, the forward time the host did not overlap);
 - inside `sglbatch.attention_backend`: gather/copy/scatter ops are "gathers and KV writes",
   everything else (ops, kernel calls made outside torch) is attention;
 - elsewhere in the forward, the outermost op decides: matmuls are linear, gather/copy/scatter
@@ -37,11 +38,13 @@ CATEGORIES = {
     "prepare": "prepare (step inputs, forward batch, attention metadata)",
     "schedule": "scheduling",
     "output_processing": "output processing",
+    "device_wait": "waiting for the device (reading a launched step's tokens)",
     "python": "other Python (between ops, step glue)",
 }
 _PHASES = {"sglbatch.schedule": "schedule", "sglbatch.prepare": "prepare",
            "sglbatch.sample": "sampling", "sglbatch.input_logprobs": "sampling",
            "sglbatch.process_output": "output_processing",
+           "sglbatch.wait_device": "device_wait",
            "sglbatch.attention_backend": "attention",
            # The CPU's fused norm and rope kernels (engine.layers.fused_cpu).
            CPU_ELEMENTWISE_RANGE: "other_model_ops",

@@ -9,6 +9,12 @@ decode together. First unprofiled: the median wall time of the decode steps at t
 size, less the no-op forward's own time (timed around it), is the engine's cost. Then again
 under the torch profiler for --profile-steps decode steps, whose trace divides the step
 among the phases (`sglbatch.bench.breakdown`; the profiler adds its own overhead).
+
+--device-ms T stands the no-op forward on a simulated asynchronous device that takes T ms
+per step, as a GPU does: launching a step returns at once, and reading its tokens waits
+until the device has run it (one step at a time, in launch order). Then the engine's cost
+that the device does not hide is the step less T: the whole cost with
+--disable-overlap-schedule, and only what exceeds T with the overlap schedule.
 """
 
 from __future__ import annotations
@@ -39,13 +45,16 @@ SECTIONS = {"Options": [
                  help="decode steps timed at each batch size"),
     click.Option(["--profile-steps"], type=click.IntRange(min=1), default=16, show_default=True,
                  help="decode steps profiled at each batch size for the split"),
+    click.Option(["--device-ms"], type=click.FloatRange(min=0), default=0.0,
+                 show_default=True,
+                 help="simulate an asynchronous device taking this long per step (see above)"),
     click.Option(["--output-file"], type=click.Path(path_type=Path),
                  help="append one JSONL record per batch size here"),
 ]}
 # The phases of the split (`step_breakdown`'s names: short column labels); the rest of the
 # step is the no-op forward.
 PHASES = {"schedule": "sched", "prepare": "prep", "sampling": "sample",
-          "output_processing": "output", "python": "python"}
+          "output_processing": "output", "device_wait": "wait", "python": "python"}
 
 
 class NoOpModel:
@@ -78,6 +87,29 @@ class NoOpModel:
         logits = self.logits[:hidden.shape[0]]
         self.seconds += time.perf_counter() - start
         return logits
+
+
+class SimulatedDevice:
+    """Makes a runner's steps look asynchronous: `launch` returns at once, and reading a
+    launched step's tokens waits until `seconds` after the device was free to start it."""
+
+    def __init__(self, runner: Any, seconds: float):
+        self.free_at = 0.0
+        launch = runner.launch
+
+        def launch_on_device(batch: Any) -> Any:
+            launched = launch(batch)
+            done = self.free_at = max(time.perf_counter(), self.free_at) + seconds
+            read = launched.result
+
+            def wait_then_read() -> Any:
+                time.sleep(max(0.0, done - time.perf_counter()))
+                return read()
+
+            launched.result = wait_then_read
+            return launched
+
+        runner.launch = launch_on_device
 
 
 class StepTimer:
@@ -134,12 +166,14 @@ def measure(engine: Any, timer: StepTimer, batch_size: int, args: SimpleNamespac
                          "--max-running-requests or the KV cache too small?")
     step_ms = 1e3 * statistics.median(wall for wall, _ in steps)
     noop_ms = 1e3 * statistics.median(noop for _, noop in steps)
+    engine_ms = step_ms - noop_ms - args.device_ms  # what the device does not hide
     requests = _requests(batch_size, args.input_len, args.profile_steps + 1, vocab,
                          batch_size + 1)
     profiled = step_breakdown(profile_steps(engine, lambda: engine.run(requests)),
                               decode_only=True)
     return {"batch_size": batch_size, "input_len": args.input_len, "decode_steps": len(steps),
-            "step_ms": step_ms, "noop_forward_ms": noop_ms, "engine_ms": step_ms - noop_ms,
+            "step_ms": step_ms, "noop_forward_ms": noop_ms, "device_ms": args.device_ms,
+            "engine_ms": engine_ms,
             "profiled": profiled}
 
 
@@ -158,6 +192,8 @@ def run(args: SimpleNamespace, engine_kwargs: dict[str, Any]) -> list[dict[str, 
     with engine:
         model = NoOpModel(engine.model_runner, max(args.batch_size))
         model.install(engine.model_runner.model)
+        if args.device_ms:
+            SimulatedDevice(engine.model_runner, args.device_ms / 1e3)
         timer = StepTimer(engine, model)
         for bs in args.batch_size:
             with console.status(f"decode steps at batch size {bs}..."):
@@ -174,14 +210,16 @@ def _print_table(console: Any, records: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="bench step-cost: the engine's cost per decode step, no-op model (ms)",
-                  caption="step, no-op forward (fwd), engine: medians of unprofiled steps; "
-                          "the split (sched ... python) and its step (prof): under the torch "
+                  caption="step, no-op forward (fwd), simulated device (dev), engine (step - "
+                          "fwd - dev: the cost not hidden): medians of unprofiled steps; the "
+                          "split (sched ... python) and its step (prof): under the torch "
                           "profiler")
-    for column in ("batch", "step", "fwd", "engine", *PHASES.values(), "prof"):
+    for column in ("batch", "step", "fwd", "dev", "engine", *PHASES.values(), "prof"):
         table.add_column(column, justify="right")
     for r in records:
         split = r["profiled"]["ms_per_step"]
         table.add_row(str(r["batch_size"]), f"{r['step_ms']:.2f}",
-                      f"{r['noop_forward_ms']:.2f}", f"{r['engine_ms']:.2f}",
+                      f"{r['noop_forward_ms']:.2f}", f"{r['device_ms']:.2f}",
+                      f"{r['engine_ms']:.2f}",
                       *(f"{split[p]:.2f}" for p in PHASES), f"{r['profiled']['step_ms']:.2f}")
     console.print(table)

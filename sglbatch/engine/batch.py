@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sglbatch.engine.logprobs import StepLogprobs
+from sglbatch.engine.overlap import to_device
 from sglbatch.engine.request import Req
 
 
@@ -26,9 +27,12 @@ class Batch:
     reqs: list[Req]
     extend_lens: list[int]  # new tokens per request this step (all 1 for decode)
     out_cache_loc: torch.Tensor  # KV slot of every new token, in batch order
+    # Set when the step is launched: the rows that get a token (not mid-prompt chunks).
+    completes: list[bool] = field(default_factory=list)
 
     def samples(self, i: int) -> bool:
-        """Whether request `i` gets a next token from this step (not a mid-prompt chunk)."""
+        """Whether request `i` gets a next token from this step (not a mid-prompt chunk);
+        read before the step is launched."""
         req = self.reqs[i]
         return req.kv_len + self.extend_lens[i] == req.fill_len
 
@@ -40,6 +44,36 @@ class StepResult:
     next_ids: list[int]  # meaningless for a request mid-prompt (see `Batch.samples`)
     output_logprobs: list[StepLogprobs | None]
     input_logprobs: list[list[StepLogprobs]]  # this step's share of each prompt's logprobs
+
+
+@dataclass(eq=False)
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device."""
+
+    placeholders: list[int]  # one per row, standing for its sampled token until it is read
+    next_ids: torch.Tensor  # on the host (CUDA: a pinned copy that `ready` marks complete)
+    ready: torch.cuda.Event | None
+    output_logprobs: list[StepLogprobs | None]
+    input_logprobs: list[list[StepLogprobs]]
+
+    @classmethod
+    def start(cls, next_ids: torch.Tensor, placeholders: list[int],
+              output_logprobs: list[StepLogprobs | None],
+              input_logprobs: list[list[StepLogprobs]]) -> LaunchedStep:
+        ready = None
+        if next_ids.device.type == "cuda":
+            host = torch.empty(next_ids.shape, dtype=next_ids.dtype, device="cpu",
+                               pin_memory=True)
+            next_ids = host.copy_(next_ids, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        return cls(placeholders, next_ids, ready, output_logprobs, input_logprobs)
+
+    def result(self) -> StepResult:
+        """Wait for the step and read its tokens."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return StepResult(self.next_ids.tolist(), self.output_logprobs, self.input_logprobs)
 
 
 @dataclass(eq=False)
@@ -95,11 +129,11 @@ class StepInputs:
             starts.append(starts[-1] + extend_len)
 
         def tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
+            return to_device(torch.tensor(values, dtype=torch.int64, device="cpu"), device)
 
         return ForwardBatch(
             mode=self.mode, input_ids=tensor(self.input_ids), positions=tensor(positions),
-            out_cache_loc=self.out_cache_loc.to(device),
+            out_cache_loc=to_device(self.out_cache_loc, device),
             req_pool_indices=tensor(self.req_pool_indices),
             extend_lens=tensor(self.extend_lens), extend_start=tensor(starts[:-1]),
             req_to_token=req_to_token,

@@ -60,6 +60,12 @@ class EngineConfig:
                 "larger batches run eagerly"})
     disable_cuda_graph: bool = field(default=False, metadata={
         "help": "run decode steps eagerly on CUDA instead of replaying CUDA graphs"})
+    disable_overlap_schedule: bool = field(default=False, metadata={
+        "help": "read each step's sampled tokens before scheduling the next. By default the "
+                "next step is launched first (SGLang's overlap schedule), so on a GPU the "
+                "scheduling and output processing run while the device computes. Steps with "
+                "grammars, penalties, custom logit processors or logprobs, and tensor "
+                "parallelism, always read first"})
     enable_torch_compile: bool = field(default=False, metadata={
         "help": "fuse RMSNorm and SwiGLU with torch.compile (inductor; compiles on first use)"})
     enable_custom_logit_processor: bool = field(default=False, metadata={

@@ -1,6 +1,11 @@
 """`Engine`: the in-process engine. One background thread runs the loop
 (schedule -> forward -> process output -> detokenize -> emit); callers submit typed
-requests and receive typed outputs through a per-request sink."""
+requests and receive typed outputs through a per-request sink.
+
+The overlap schedule (SGLang's): step N+1 is scheduled and launched before step N's sampled
+tokens are read, so on a GPU the host's work for both runs while the device computes. Step
+N+1 names N's tokens by placeholder (`overlap.FutureTokenMap`); a request that N finished
+drops its token from N+1."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import Any
 import torch
 
 from sglbatch.engine.api_types import EngineInfo, FinishReason, Sink
-from sglbatch.engine.batch import Batch
+from sglbatch.engine.batch import Batch, LaunchedStep
 from sglbatch.engine.client import EngineClient, Submission
 from sglbatch.engine.config import DEFAULT_MODEL, EngineConfig
 from sglbatch.engine.errors import ENGINE_ERROR_STATUS, EngineError
@@ -86,6 +91,8 @@ class Engine(EngineClient):
         self._consecutive_failures = 0
         self._broken: str | None = None  # why the engine stopped serving, once it has
         self._profile: ProfileSession | None = None  # engine thread only
+        # Launched, results not read yet (the overlap schedule); engine thread only.
+        self._unread: tuple[Batch, LaunchedStep] | None = None
         self._last_trace: Path | None = None
         ready: queue.Queue[BaseException | None] = queue.Queue()
         self._thread = threading.Thread(target=self._engine_thread, args=(model_dir, ready),
@@ -103,6 +110,9 @@ class Engine(EngineClient):
             if self.config.num_threads:
                 torch.set_num_threads(self.config.num_threads)
             self.model_runner = create_model_runner(self.config, model_dir)
+            # Tensor parallel: the other ranks get token values, not placeholders.
+            self._overlap = not self.config.disable_overlap_schedule and \
+                self.model_runner.peers is None
             self.scheduler = Scheduler(self.config, self.model_runner.memory)
             self.info = _engine_info(self.model_runner)
             self.output = OutputProcessor(self.tokenizer,
@@ -234,8 +244,8 @@ class Engine(EngineClient):
         """Nobody waits forever: a failed step fails the requests it touched, and if the
         loop itself breaks, every request in flight fails before the thread ends."""
         try:
-            while self._drain_inbox(block=not self.scheduler.has_work):
-                if not self.scheduler.has_work:
+            while self._drain_inbox(block=not self._busy):
+                if not self._busy:
                     continue
                 try:
                     self.step()
@@ -258,6 +268,10 @@ class Engine(EngineClient):
                 except Exception:
                     logger.exception("writing the profile at shutdown failed")
             self._stopped = True
+
+    @property
+    def _busy(self) -> bool:
+        return self.scheduler.has_work or self._unread is not None
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued messages; False once asked to stop."""
@@ -354,20 +368,38 @@ class Engine(EngineClient):
                 logger.exception("writing the profile failed")
 
     def _step(self) -> bool:
-        """Whether a batch ran through (a profile counts those steps)."""
+        """Whether a batch was launched (a profile counts those steps)."""
+        if self._unread is not None and self.scheduler.may_retract:
+            self._read_unread()  # a retracted request recomputes from its tokens' values
         with trace_range("sglbatch.schedule"):
             batch = self.scheduler.schedule()
         if batch is None:
+            self._read_unread()
             return False
         try:
-            result = self.model_runner.forward_and_sample(batch)
+            launched = self.model_runner.launch(batch)
         except Exception as error:  # scheduler state is as schedule() left it: recoverable
             logger.exception("engine step failed in the forward pass; failing its %d "
                              "request(s)", len(batch.reqs))
             self._fail_batch(batch, _error_message(error))
             self._count_failure(error)
+            self._read_unread()
             return False
         self._consecutive_failures = 0
+        self.scheduler.on_launched(batch, launched.placeholders)
+        self._read_unread()
+        self._unread = batch, launched
+        if not self._overlap or any(r.reads_sampled_tokens for r in batch.reqs):
+            self._read_unread()
+        return True
+
+    def _read_unread(self) -> None:
+        """Read the launched step's results: hand out its tokens and finished requests."""
+        if self._unread is None:
+            return
+        (batch, launched), self._unread = self._unread, None
+        with trace_range("sglbatch.wait_device"):
+            result = launched.result()
         with trace_range("sglbatch.process_output"):
             tracked = self._tracked
             for req in self.scheduler.process_output(batch, result):
@@ -376,7 +408,6 @@ class Engine(EngineClient):
                 self.output.on_step(tracked[req.rid])
             for req in self.scheduler.release_finished():
                 self._finish(req)
-        return True
 
     # ---- failures (engine thread) -------------------------------------------------------
 
@@ -406,6 +437,7 @@ class Engine(EngineClient):
         """A fresh scheduler over emptied pools, once no request holds KV any more."""
         self.model_runner.memory.reset()
         self.scheduler = Scheduler(self.config, self.model_runner.memory)
+        self._unread = None
 
     def _count_failure(self, error: Exception) -> None:
         self._consecutive_failures += 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from sglbatch.engine.overlap import to_device
+
 
 class KVPool:
     """Per-layer K and V buffers of shape [num_kv_heads, num_slots + 1, head_dim].
@@ -174,7 +176,8 @@ class ReqToTokenPool:
 
     def _put(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
         device = self.table.device
-        self.table.index_put_((rows.to(device), cols.to(device)), values.to(device))
+        self.table.index_put_((to_device(rows, device), to_device(cols, device)),
+                              to_device(values, device))
 
     def free_all(self) -> None:
         self._free_rows = list(range(self.num_rows - 1, -1, -1))

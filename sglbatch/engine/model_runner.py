@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from sglbatch.engine.attention import create_attention_backend, is_installed
-from sglbatch.engine.batch import Batch, ForwardBatch, ForwardMode, StepInputs, StepResult
+from sglbatch.engine.batch import (
+    Batch,
+    ForwardBatch,
+    ForwardMode,
+    LaunchedStep,
+    StepInputs,
+    StepResult,
+)
 from sglbatch.engine.cache_manager import CacheManager
 from sglbatch.engine.config import EngineConfig, ModelConfig
 from sglbatch.engine.cuda_graph import CudaGraphRunner
@@ -31,6 +38,7 @@ from sglbatch.engine.layers.norm import use_fused_kernel
 from sglbatch.engine.loader import load_weights
 from sglbatch.engine.logprobs import StepLogprobs, gather_step_logprobs
 from sglbatch.engine.models import create_model
+from sglbatch.engine.overlap import FutureTokenMap
 from sglbatch.engine.parallel.group import RankLost, TPGroup, rank_device
 from sglbatch.engine.parallel.shard import plan_shards
 from sglbatch.engine.sampler import SamplingBatch, output_logprobs, process_logits, sample
@@ -99,6 +107,8 @@ class ModelRunner:
             config.attention_backend, config.device, self.kv_pool, self.shard.num_q_heads,
             self.shard.num_kv_heads, mc.head_dim, self.model.attention_layers())
         self.cuda_graph = self._capture_cuda_graphs()
+        # A step samples one token per request at most; +1: a chunked request's row.
+        self.future_tokens = FutureTokenMap(config.max_running_requests + 1, self.device)
         logger.info("model %s: %s, %d layers, dtype %s; KV pool %d tokens (%.2f GiB)%s",
                     model_dir.name, mc.architecture, mc.num_hidden_layers, self.dtype,
                     num_slots, num_slots * per_token / (1 << 30),
@@ -161,8 +171,15 @@ class ModelRunner:
             self._send(inputs)
             return self._forward(inputs)[1]
 
-    @torch.inference_mode()
     def forward_and_sample(self, batch: Batch) -> StepResult:
+        """`launch`, then wait for its results."""
+        return self.launch(batch).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: Batch) -> LaunchedStep:
+        """Queue the step's forward and sampling. On a GPU the host goes on (the overlap
+        schedule prepares the next step) while the device runs them; the sampled ids stay
+        there too, in the future map, for the next step's inputs to name by placeholder."""
         with trace_range("sglbatch.prepare"):
             inputs, targets = self.step_inputs(batch)
         # Every collective of the step (the forward, then the input logprobs' logits) comes
@@ -179,8 +196,8 @@ class ModelRunner:
             logits = process_logits(logits, sb)
             next_ids = sample(logits, sb)
             step_logprobs = output_logprobs(logits, next_ids, sb)
-            next_ids = next_ids.tolist()
-        return StepResult(next_ids, step_logprobs, input_logprobs)
+            placeholders = self.future_tokens.store(next_ids)
+            return LaunchedStep.start(next_ids, placeholders, step_logprobs, input_logprobs)
 
     @torch.inference_mode()
     def follow(self, inputs: StepInputs) -> None:
@@ -197,6 +214,8 @@ class ModelRunner:
         with trace_range(_FORWARD_RANGES[inputs.mode]):
             with trace_range("sglbatch.prepare"):
                 fb = inputs.to_forward_batch(self.device, self.req_to_token_pool.table)
+                if inputs.input_ids and min(inputs.input_ids) < 0:  # tokens not read yet
+                    fb.input_ids = self.future_tokens.resolve(fb.input_ids)
             hidden = self._hidden_states(fb)
             rows = hidden if inputs.all_logits else hidden[fb.last_token_indices]
             return hidden, self.model.compute_logits(rows)

@@ -24,7 +24,7 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req], eos_token_ids: set[in
                                torch.tensor(rows, device=logits.device))
     for i, req in enumerate(reqs):
         params = req.sampling_params
-        if len(req.output_ids) < params.min_new_tokens:
+        if req.output_len < params.min_new_tokens:
             banned = (set() if params.ignore_eos else eos_token_ids) | set(params.stop_token_ids)
             logits[i, sorted(banned)] = float("-inf")
 

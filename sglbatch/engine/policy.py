@@ -75,5 +75,5 @@ class NewTokenRatio:
         self.value = self.initial
 
     def reserve(self, req: Req) -> int:
-        remaining = req.sampling_params.max_new_tokens - len(req.output_ids)
+        remaining = req.sampling_params.max_new_tokens - req.output_len
         return max(1, int(remaining * self.value))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,17 +26,22 @@ def derive_seed(seed: int, sample_index: int) -> int:
 class Req:
     """One generation request as the scheduler sees it.
 
-    Token layout: `fill_ids = input_ids + output_ids`. The first `kv_len` of them have their
-    K/V in the pool (slots `req_to_token[req_pool_idx, :kv_len]`); the rest still need a
-    forward pass. A decode step always has exactly one pending token: the last output.
-    Of the `kv_len` slots, the first `tree_len` belong to the radix cache, the rest to the
-    request itself.
+    Token layout: `fill_ids = input_ids + output_ids + pending_ids`. The first `kv_len` of
+    them have their K/V in the pool (slots `req_to_token[req_pool_idx, :kv_len]`); the rest
+    still need a forward pass. A decode step always has exactly one token to compute: the
+    last one sampled. Of the `kv_len` slots, the first `tree_len` belong to the radix cache,
+    the rest to the request itself.
+
+    `pending_ids` are tokens sampled by a step whose results the host has not read yet (the
+    overlap schedule runs the next step first): placeholders that the model runner resolves
+    on the device (`FutureTokenMap`). At most two: the step being read and the one after it.
     """
 
     rid: str
     input_ids: list[int]
     sampling_params: SamplingParams
     output_ids: list[int] = field(default_factory=list)
+    pending_ids: list[int] = field(default_factory=list)
     req_pool_idx: int | None = None
     kv_len: int = 0
     tree_len: int = 0  # leading slots owned by the prefix cache (locked through `tree_node`)
@@ -50,26 +56,42 @@ class Req:
 
     @property
     def fill_ids(self) -> list[int]:
-        return self.input_ids + self.output_ids
+        return self.input_ids + self.output_ids + self.pending_ids
 
     def fill_span(self, start: int, end: int) -> list[int]:
         """`fill_ids[start:end]` without building `fill_ids`: a decode step reads one token
         of each request, and copying whole sequences for it cost O(context) per step."""
         n_in = len(self.input_ids)
-        if start >= n_in:
-            return self.output_ids[start - n_in:end - n_in]
+        n_sampled = n_in + len(self.output_ids)
         if end <= n_in:
             return self.input_ids[start:end]
-        return self.input_ids[start:] + self.output_ids[:end - n_in]
+        if start >= n_sampled:
+            return self.pending_ids[start - n_sampled:end - n_sampled]
+        if start >= n_in and end <= n_sampled:
+            return self.output_ids[start - n_in:end - n_in]
+        return self.fill_ids[start:end]  # across parts: a recomputed request's prefill
 
     @property
     def fill_len(self) -> int:
-        return len(self.input_ids) + len(self.output_ids)
+        return len(self.input_ids) + self.output_len
+
+    @property
+    def output_len(self) -> int:
+        """Tokens sampled so far, including those whose values are still on the device."""
+        return len(self.output_ids) + len(self.pending_ids)
 
     @property
     def pending_len(self) -> int:
         """Tokens that still need a forward pass before the next token can be sampled."""
         return self.fill_len - self.kv_len
+
+    @functools.cached_property
+    def reads_sampled_tokens(self) -> bool:
+        """Whether scheduling this request's next step needs its last token's value on the
+        host (grammar state, penalty counts, custom processors, logprob bookkeeping): the
+        overlap schedule then reads a step's results before it schedules the next."""
+        return (self.grammar is not None or self.sampling_params.has_penalties or
+                self.custom_logit_processor is not None or self.logprob_options is not None)
 
     @property
     def is_finished(self) -> bool:

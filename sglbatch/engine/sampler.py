@@ -12,6 +12,7 @@ from sglbatch.engine.attention import cpu_kernels
 from sglbatch.engine.custom_logit_processor import apply_custom_processors
 from sglbatch.engine.grammar import apply_grammar_masks
 from sglbatch.engine.logprobs import StepLogprobs, gather_step_logprobs
+from sglbatch.engine.overlap import to_device
 from sglbatch.engine.penalties import apply_penalties
 from sglbatch.engine.request import Req
 
@@ -56,12 +57,12 @@ class SamplingBatch:
             for p in self.params)
         # Any penalty, length control, grammar or custom processor.
         self.needs_processing = any(
-            p.has_penalties or len(r.output_ids) < p.min_new_tokens or
+            p.has_penalties or r.output_len < p.min_new_tokens or
             r.grammar is not None or r.custom_logit_processor is not None
             for r, p in zip(reqs, self.params))
 
     def _tensor(self, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+        return to_device(torch.tensor(values, dtype=dtype, device="cpu"), torch.device(self.device))
 
     @functools.cached_property
     def temperatures(self) -> torch.Tensor:  # [batch, 1]
@@ -87,7 +88,7 @@ class SamplingBatch:
     @functools.cached_property
     def steps(self) -> torch.Tensor:
         """Index of the token being sampled within each request's output."""
-        return self._tensor([len(r.output_ids) for r in self.reqs], torch.int64)
+        return self._tensor([r.output_len for r in self.reqs], torch.int64)
 
     @functools.cached_property
     def is_greedy(self) -> torch.Tensor:  # [batch] bool

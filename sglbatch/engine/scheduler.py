@@ -110,7 +110,7 @@ class Scheduler:
         if not reqs:
             return None
         if reqs[0] is prior_chunked:
-            self.chunked_req = None  # process_output sets it again if still unfinished
+            self.chunked_req = None  # on_launched sets it again if still unfinished
         admitted = {id(r) for r in reqs}
         self.waiting = deque(r for r in self.waiting if id(r) not in admitted)
         return Batch(ForwardMode.EXTEND, reqs, lens, torch.cat(slots))
@@ -127,22 +127,38 @@ class Scheduler:
     # ---- decode -------------------------------------------------------------------------
 
     def _schedule_decode(self) -> Batch | None:
-        while self.running and self.num_available_slots < len(self.running):
-            self._retract(self._pick_retract_victim())
-        if not self.running:
+        decoding = self._decoding()
+        while decoding and self.num_available_slots < len(decoding):
+            victim = self._pick_retract_victim(decoding)
+            decoding.remove(victim)
+            self._retract(victim)
+        if not decoding:
             return None
-        slots = self.memory.extend_each(self.running)
+        slots = self.memory.extend_each(decoding)
         self.new_token_ratio.on_decode_step()
-        return Batch(ForwardMode.DECODE, list(self.running), [1] * len(self.running), slots)
+        return Batch(ForwardMode.DECODE, decoding, [1] * len(decoding), slots)
 
-    def _pick_retract_victim(self) -> Req:
+    def _decoding(self) -> list[Req]:
+        """The running requests that may still sample. Under the overlap schedule, one whose
+        last step (not read yet) gave it max_new_tokens sits this step out: it will finish."""
+        return [r for r in self.running if r.output_len < r.sampling_params.max_new_tokens]
+
+    @property
+    def may_retract(self) -> bool:
+        """Whether a decode step now could retract: it needs every result read first (a
+        retracted request recomputes from token values)."""
+        return self.num_available_slots < len(self.running)
+
+    @staticmethod
+    def _pick_retract_victim(decoding: list[Req]) -> Req:
         # Least decoded work is lost by retracting the request with the fewest outputs;
         # among equals the latest admitted, which has waited least.
-        return min(reversed(self.running), key=lambda r: len(r.output_ids))
+        return min(reversed(decoding), key=lambda r: r.output_len)
 
     def _retract(self, req: Req) -> None:
         """Give back a running request's KV; it waits at the head of the queue to recompute
         (with the radix cache on, from whatever of its tokens is still cached)."""
+        assert not req.pending_ids, "retracting a request whose last token is not read yet"
         self.running.remove(req)
         self.memory.release(req)
         self.num_retractions += 1
@@ -153,40 +169,48 @@ class Scheduler:
 
     # ---- after the forward pass ---------------------------------------------------------
 
+    def on_launched(self, batch: Batch, placeholders: list[int]) -> None:
+        """Book a step the model runner has launched: its tokens' K/V is computed, and each
+        request that completed its prompt (or decoded) has one more token, known by its
+        placeholder until `process_output` reads it. The next step can be scheduled from
+        here, before this one's results are read (the overlap schedule)."""
+        extend = batch.mode == ForwardMode.EXTEND
+        batch.completes = [not extend or batch.samples(i) for i in range(len(batch.reqs))]
+        for req, extend_len, completes, placeholder in zip(
+                batch.reqs, batch.extend_lens, batch.completes, placeholders):
+            req.kv_len += extend_len
+            if extend:
+                if self.memory.cache is not None:
+                    self.memory.cache_computed_prefix(req)
+                if not completes:
+                    self.chunked_req = req
+                    continue
+                self.running.append(req)
+            if req.sampling_params.max_new_tokens > 0:  # else prefill only: cache, logprobs
+                req.pending_ids.append(placeholder)
+
     def process_output(self, batch: Batch, step: StepResult) -> list[Req]:
-        """Record a step's results; returns the requests that received a new token (or, with
-        max_new_tokens=0, finished their prefill). Whether they are finished is decided by
-        the output processor, before `release_finished`."""
+        """Read a launched step's results; returns the requests that received a new token
+        (or, with max_new_tokens=0, finished their prefill). Whether they are finished is
+        decided by the output processor, before `release_finished`. A request finished or
+        aborted since the step was launched is skipped: its token is dropped."""
         extend = batch.mode == ForwardMode.EXTEND
         updated = []
         for i, req in enumerate(batch.reqs):
-            # Every decode request samples; an extend one unless it is mid-prompt.
-            if extend and not self._record_extend(req, batch.extend_lens[i],
-                                                  step.input_logprobs[i]):
+            if req.is_finished:
                 continue
-            if not extend:
-                req.kv_len += 1
+            if extend and (step.input_logprobs[i] or req.next_input_logprob_position == 0):
+                self._record_input_logprobs(req, step.input_logprobs[i])
+            if not batch.completes[i]:  # mid-prompt
+                continue
             updated.append(req)
-            if req.sampling_params.max_new_tokens == 0:  # prefill only: cache, logprobs
+            if req.sampling_params.max_new_tokens == 0:
                 continue
+            req.pending_ids.pop(0)  # tokens are read in the order they were launched
             req.output_ids.append(step.next_ids[i])
             if step.output_logprobs[i] is not None:
                 req.logprobs.output.append(step.output_logprobs[i])
         return updated
-
-    def _record_extend(self, req: Req, extend_len: int, input_logprobs: list) -> bool:
-        """Record a prefill chunk: its input logprobs, its K/V into the prefix cache.
-        Whether the request samples a token from it (False mid-prompt)."""
-        if input_logprobs or req.next_input_logprob_position == 0:
-            self._record_input_logprobs(req, input_logprobs)
-        req.kv_len += extend_len
-        if self.memory.cache is not None:
-            self.memory.cache_computed_prefix(req)
-        if req.kv_len < req.fill_len:
-            self.chunked_req = req
-            return False
-        self.running.append(req)
-        return True
 
     @staticmethod
     def _record_input_logprobs(req: Req, steps: list) -> None:
@@ -200,6 +224,9 @@ class Scheduler:
         if finished:
             self.running = [r for r in self.running if not r.is_finished]
             for req in finished:
+                # A token launched after the finishing one is dropped; the K/V of the tokens
+                # before it is computed (the step launched it) and cached with them.
+                req.pending_ids.clear()
                 self.memory.release(req)
         return finished
 
@@ -216,7 +243,8 @@ class Scheduler:
             self.running.remove(req)
         if req is self.chunked_req:
             self.chunked_req = None
-        self.memory.release(req)
+        self.memory.release(req)  # its K/V stops before any token not read yet
+        req.pending_ids.clear()
         req.finish_reason = FinishReason.abort(message)
         return req
 
@@ -232,6 +260,7 @@ class Scheduler:
             self.chunked_req = None
         for req in batch.reqs:
             self.memory.release(req)
+            req.pending_ids.clear()
         return batch.reqs
 
     def abort_all(self, message: str) -> list[Req]:

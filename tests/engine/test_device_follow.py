@@ -61,7 +61,7 @@ def test_engine_step_creates_every_tensor_on_a_named_device(smollm2_dir, backend
                 attention_backend=backend, chunked_prefill_size=64,
                 enable_custom_logit_processor=True) as engine:
         runner = engine.model_runner
-        runner.forward_and_sample = checked(runner.forward_and_sample, check)
+        runner.launch = checked(runner.launch, check)
         reqs = _requests_touching_every_path(engine.tokenizer)
 
         async def submit_together():  # extras differ per request: one call each, one batch

@@ -28,8 +28,10 @@ def _req(rid: str, ids: list[int], max_new_tokens: int = 4) -> Req:
 
 
 def _record(scheduler: Scheduler, batch: Batch, token: int = 7) -> list[Req]:
-    """What the engine does after a forward pass: record, then finish at max_new_tokens."""
+    """What the engine does around a forward pass: book the launched step, read its
+    results, then finish at max_new_tokens."""
     n = len(batch.reqs)
+    scheduler.on_launched(batch, [-(i + 1) for i in range(n)])
     updated = scheduler.process_output(batch, StepResult([token] * n, [None] * n, [[]] * n))
     for req in updated:
         if len(req.output_ids) >= req.sampling_params.max_new_tokens:

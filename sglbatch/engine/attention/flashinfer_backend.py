@@ -17,6 +17,7 @@ import torch
 
 from sglbatch.engine.attention.base import AttentionBackend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
+from sglbatch.engine.overlap import to_device
 
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's scratch for split-KV partial results
 
@@ -66,7 +67,8 @@ class FlashInferBackend(AttentionBackend):
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         device = fb.req_to_token.device
-        seq_lens = torch.tensor(fb.seq_lens_cpu, dtype=torch.int32, device=device)
+        seq_lens = to_device(torch.tensor(fb.seq_lens_cpu, dtype=torch.int32, device="cpu"),
+                             device)
         kv_indptr = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=device)
         kv_indptr[1:] = torch.cumsum(seq_lens, 0)
         rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]

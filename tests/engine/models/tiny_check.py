@@ -103,7 +103,7 @@ def engine_greedy(tiny: Tiny, **engine_args) -> tuple[list[list[int]], list[list
     check = DeviceCheck()
     with _engine(tiny, **engine_args) as eng:
         runner = eng.model_runner
-        runner.forward_and_sample = checked(runner.forward_and_sample, check)
+        runner.launch = checked(runner.launch, check)
         first = eng.generate(input_ids=tiny.prompts, sampling_params=params)
         second = eng.generate(input_ids=tiny.shared_prompts, sampling_params=params)
         if eng.scheduler.cache is not None:

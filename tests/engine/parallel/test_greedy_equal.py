@@ -46,13 +46,13 @@ def test_tp2_gsm8k_few_shot_with_prefix_cache_equals_tp1(engine, tp2):
 
 def test_tp2_rank0_names_devices_and_input_logprobs_match(engine, tp2):
     runner, check = tp2.model_runner, DeviceCheck()
-    runner.forward_and_sample = checked(runner.forward_and_sample, check)
+    runner.launch = checked(runner.launch, check)
     params = {"temperature": 0, "max_new_tokens": 4}
     extras = {"return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2}
     try:
         ours = tp2.generate(PROMPTS[:3], params, **extras)
     finally:
-        del runner.forward_and_sample  # the class's method again
+        del runner.launch  # the class's method again
     assert_all_named(check)
     ref = engine.generate(PROMPTS[:3], params, **extras)
     assert _ids(ours) == _ids(ref)
