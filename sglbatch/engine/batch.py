@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sglbatch.engine.logprobs import StepLogprobs
-from sglbatch.engine.overlap import to_device
+from sglbatch.engine.overlap import tensor_to_device, to_device
 from sglbatch.engine.request import Req
 
 
@@ -129,7 +129,7 @@ class StepInputs:
             starts.append(starts[-1] + extend_len)
 
         def tensor(values: list[int]) -> torch.Tensor:
-            return to_device(torch.tensor(values, dtype=torch.int64, device="cpu"), device)
+            return tensor_to_device(values, torch.int64, device)
 
         return ForwardBatch(
             mode=self.mode, input_ids=tensor(self.input_ids), positions=tensor(positions),

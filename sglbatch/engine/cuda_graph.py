@@ -19,7 +19,7 @@ from torch import nn
 
 from sglbatch.engine.attention.base import AttentionBackend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
-from sglbatch.engine.overlap import to_device
+from sglbatch.engine.overlap import tensor_to_device
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ class CudaGraphRunner:
         self.positions[:bs].copy_(fb.positions)
         self.out_cache_loc[:bs].copy_(fb.out_cache_loc)
         self.req_pool_indices[:bs].copy_(fb.req_pool_indices)
-        self.seq_lens[:bs].copy_(to_device(
-            torch.tensor(fb.seq_lens_cpu, dtype=torch.int32, device="cpu"), self.seq_lens.device))
+        self.seq_lens[:bs].copy_(tensor_to_device(fb.seq_lens_cpu, torch.int32,
+                                                  self.seq_lens.device))
         if padded > bs:  # the previous replay may have left real rows here
             for buf in (self.input_ids, self.positions, self.out_cache_loc,
                         self.req_pool_indices):

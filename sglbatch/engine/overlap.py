@@ -4,9 +4,10 @@ so on a GPU the host's scheduling and output processing run while the device com
 
 - `FutureTokenMap`: sampled ids stay on the device; the next step's inputs name them by
   placeholder and the device resolves them.
-- `to_device`: host -> device copies that do not make the host wait for the device. A
-  blocking copy from pageable memory waits for the stream, so every step's inputs would wait
-  for the previous step's forward and the overlap would hide nothing.
+- `to_device`, `tensor_to_device`: host -> device copies that do not make the host wait
+  for the device. A blocking copy from pageable memory waits for the stream, so every
+  step's inputs would wait for the previous step's forward and the overlap would hide
+  nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
+def tensor_to_device(values: list, dtype: torch.dtype | None,
+                     device: torch.device) -> torch.Tensor:
+    """`torch.tensor(values)` made on the host and moved as `to_device` does."""
+    return to_device(torch.tensor(values, dtype=dtype, device="cpu"), device)
+
+
 class FutureTokenMap:
     """A ring of sampled token ids on the device. `store` returns one placeholder per row,
     -(index + 1), which a later step's input ids may carry before the host has read the
@@ -29,15 +36,15 @@ class FutureTokenMap:
     with the values it read before scheduling the step after."""
 
     def __init__(self, max_rows: int, device: torch.device):
-        self.capacity = 2 * max_rows
-        self.ids = torch.zeros(self.capacity, dtype=torch.int64, device=device)
+        self.max_rows = max_rows
+        self.ids = torch.zeros(2 * max_rows, dtype=torch.int64, device=device)
         self._next = 0
 
     def store(self, next_ids: torch.Tensor) -> list[int]:
         n = next_ids.numel()
-        if n > self.capacity // 2:
-            raise ValueError(f"{n} rows sampled in one step; the map holds {self.capacity // 2}")
-        if self._next + n > self.capacity:
+        if n > self.max_rows:
+            raise ValueError(f"{n} rows sampled in one step; the map holds {self.max_rows}")
+        if self._next + n > self.ids.numel():
             self._next = 0
         start, self._next = self._next, self._next + n
         self.ids[start:start + n] = next_ids

@@ -12,7 +12,7 @@ from sglbatch.engine.attention import cpu_kernels
 from sglbatch.engine.custom_logit_processor import apply_custom_processors
 from sglbatch.engine.grammar import apply_grammar_masks
 from sglbatch.engine.logprobs import StepLogprobs, gather_step_logprobs
-from sglbatch.engine.overlap import to_device
+from sglbatch.engine.overlap import tensor_to_device
 from sglbatch.engine.penalties import apply_penalties
 from sglbatch.engine.request import Req
 
@@ -62,7 +62,7 @@ class SamplingBatch:
             for r, p in zip(reqs, self.params))
 
     def _tensor(self, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return to_device(torch.tensor(values, dtype=dtype, device="cpu"), torch.device(self.device))
+        return tensor_to_device(values, dtype, torch.device(self.device))
 
     @functools.cached_property
     def temperatures(self) -> torch.Tensor:  # [batch, 1]

@@ -17,7 +17,7 @@ import torch
 
 from sglbatch.engine.attention.base import AttentionBackend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
-from sglbatch.engine.overlap import to_device
+from sglbatch.engine.overlap import tensor_to_device
 
 WORKSPACE_BYTES = 128 << 20  # FlashInfer's scratch for split-KV partial results
 
@@ -67,8 +67,7 @@ class FlashInferBackend(AttentionBackend):
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         device = fb.req_to_token.device
-        seq_lens = to_device(torch.tensor(fb.seq_lens_cpu, dtype=torch.int32, device="cpu"),
-                             device)
+        seq_lens = tensor_to_device(fb.seq_lens_cpu, torch.int32, device)
         kv_indptr = torch.zeros(len(seq_lens) + 1, dtype=torch.int32, device=device)
         kv_indptr[1:] = torch.cumsum(seq_lens, 0)
         rows = fb.req_to_token[fb.req_pool_indices, :max(fb.seq_lens_cpu)]

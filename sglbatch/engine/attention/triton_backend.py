@@ -13,7 +13,7 @@ import torch
 
 from sglbatch.engine.attention.base import AttentionBackend
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
-from sglbatch.engine.overlap import to_device
+from sglbatch.engine.overlap import tensor_to_device
 from sglbatch.kernels.decode_attention import MAX_NUM_SPLITS, decode_attention, num_splits_for
 from sglbatch.kernels.extend_attention import extend_attention
 from sglbatch.kernels.kv_store import store_kv
@@ -26,7 +26,7 @@ class TritonBackend(AttentionBackend):
         device = fb.req_to_token.device
 
         def ints(values: list[int]) -> torch.Tensor:
-            return to_device(torch.tensor(values, dtype=torch.int32, device="cpu"), device)
+            return tensor_to_device(values, torch.int32, device)
 
         self._seq_lens = ints(fb.seq_lens_cpu)
         self._max_seq_len = max(fb.seq_lens_cpu)
