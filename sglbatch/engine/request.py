@@ -86,12 +86,18 @@ class Req:
         return self.fill_len - self.kv_len
 
     @functools.cached_property
+    def processes_logits(self) -> bool:
+        """Whether penalties, a grammar or a custom processor change this request's logits
+        (each reads its sampled tokens)."""
+        return (self.sampling_params.has_penalties or self.grammar is not None or
+                self.custom_logit_processor is not None)
+
+    @functools.cached_property
     def reads_sampled_tokens(self) -> bool:
         """Whether scheduling this request's next step needs its last token's value on the
         host (grammar state, penalty counts, custom processors, logprob bookkeeping): the
         overlap schedule then reads a step's results before it schedules the next."""
-        return (self.grammar is not None or self.sampling_params.has_penalties or
-                self.custom_logit_processor is not None or self.logprob_options is not None)
+        return self.processes_logits or self.logprob_options is not None
 
     @property
     def is_finished(self) -> bool:

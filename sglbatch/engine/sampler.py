@@ -57,8 +57,7 @@ class SamplingBatch:
             for p in self.params)
         # Any penalty, length control, grammar or custom processor.
         self.needs_processing = any(
-            p.has_penalties or r.output_len < p.min_new_tokens or
-            r.grammar is not None or r.custom_logit_processor is not None
+            r.processes_logits or r.output_len < p.min_new_tokens
             for r, p in zip(reqs, self.params))
 
     def _tensor(self, values: list, dtype: torch.dtype | None = None) -> torch.Tensor:
