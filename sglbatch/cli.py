@@ -215,7 +215,11 @@ bench.add_command(_command(
                 "logits; the sampler still runs) and, for each --batch-size, times decode steps "
                 "at that batch size: the median step, the no-op forward, the engine's cost "
                 "(the difference), and its split into scheduling, preparing the inputs, "
-                "sampling, output processing and Python, from a torch profiler trace."))
+                "sampling, output processing and Python, from a torch profiler trace. "
+                "--device-ms T makes launching a step return at once and reading its tokens "
+                "wait until a simulated device has run it for T ms, as a GPU does: the "
+                "overlap schedule then hides the engine's cost behind T, which "
+                "--disable-overlap-schedule does not."))
 bench.add_command(_command(
     "serving", _cmd_bench_serving, serving.SECTIONS,
     summary="online serving benchmark against a running server (as SGLang's bench_serving)",

@@ -47,7 +47,9 @@ SECTIONS = {"Options": [
                  help="decode steps profiled at each batch size for the split"),
     click.Option(["--device-ms"], type=click.FloatRange(min=0), default=0.0,
                  show_default=True,
-                 help="simulate an asynchronous device taking this long per step (see above)"),
+                 help="stand the no-op forward on a simulated asynchronous device taking "
+                      "this long per step: the engine column is then the cost it does not "
+                      "hide"),
     click.Option(["--output-file"], type=click.Path(path_type=Path),
                  help="append one JSONL record per batch size here"),
 ]}
