@@ -10,9 +10,10 @@
 // so a caller can merge it with attention over other keys (a shared prefix) exactly.
 //
 // With AVX512-BF16, bf16 pools of 64-dim multiples take a fast path: q.k as bf16 pair dot
-// products (vdpbf16ps, fp32 sums, exact products) with no conversion of K, values widened
-// with one instruction per 16 dims and summed in fp32 registers, pool rows prefetched ahead
-// (slots are scattered, where the hardware prefetchers cannot follow).
+// products (vdpbf16ps, fp32 sums, exact products) with no conversion of K, and the values
+// summed the same way against the probabilities rounded to bf16 (as the extend kernel and
+// transformers' bf16 attention do), two keys per instruction. Pool rows are prefetched
+// ahead into L2 (slots are scattered, where the hardware prefetchers cannot follow).
 //
 // A sliding window moves a request's first key up to its window's start: the keys before
 // it stay in the pool but are never read, so a long context costs only its window. A logit
@@ -37,7 +38,7 @@
 namespace {
 
 using sglbatch::kBf16Dot;
-using sglbatch::prefetch_row;
+using sglbatch::Cache;
 using sglbatch::to_float;
 using sglbatch::with_width;
 #if defined(__AVX512F__)
@@ -56,8 +57,13 @@ constexpr int64_t kMinSplitKeys = 128;
 constexpr float kNoMax = -1e30f;
 // How far ahead pool rows are prefetched, in bytes of K (or V) rows: 32 keys of 64 bf16
 // cover a load from DRAM (8 left a third of the time waiting on memory at batch 256;
-// 64 measured no better).
+// 16 and 64 measured no better).
 constexpr int64_t kAheadBytes = 4096;
+
+// Decode reads every row once, a few KB after its prefetch (see Cache).
+inline void prefetch_l2(const void* row, int64_t bytes) {
+  sglbatch::prefetch_row<Cache::kL2>(row, bytes);
+}
 
 // The keys ahead to prefetch, for rows of this many bytes.
 constexpr int64_t keys_ahead(int64_t row_bytes) {
@@ -105,6 +111,7 @@ struct Scratch {
   std::vector<float> q;  // portable: the group's queries, scaled, fp32 [group][dim]
   std::vector<float> row;  // portable: one K or V row as fp32
   std::vector<float> s;  // scores, then probabilities: [group][kChunkKeys]
+  std::vector<uint16_t> p;  // AVX512-BF16: the probabilities as bf16 [group][kChunkKeys]
   std::vector<float> acc, max, sum;  // [group][dim], [group], [group]
 };
 
@@ -119,8 +126,8 @@ void scores_portable(const float* qf, int64_t group, int64_t dim, const scalar_t
   const int64_t ahead = keys_ahead(dim * sizeof(scalar_t));
   for (int64_t t = 0; t < n; ++t) {
     if (t + ahead < avail) {
-      prefetch_row(k_head + slots[t + ahead] * dim, dim * sizeof(scalar_t));
-      prefetch_row(v_head + slots[t + ahead] * dim, dim * sizeof(scalar_t));
+      prefetch_l2(k_head + slots[t + ahead] * dim, dim * sizeof(scalar_t));
+      prefetch_l2(v_head + slots[t + ahead] * dim, dim * sizeof(scalar_t));
     }
     const scalar_t* k = k_head + slots[t] * dim;
     const float* kf = row;  // fp32 rows are read in the pool
@@ -148,7 +155,7 @@ void values_portable(const float* p, int64_t group, int64_t dim, const scalar_t*
   for (int64_t t = 0; t < n; ++t) {
     // Again: the q.k pass prefetched this row, but a prefetch is dropped when too many
     // loads are in flight (measured: without this, 10% slower).
-    if (t + ahead < avail) prefetch_row(v_head + slots[t + ahead] * dim, dim * sizeof(scalar_t));
+    if (t + ahead < avail) prefetch_l2(v_head + slots[t + ahead] * dim, dim * sizeof(scalar_t));
     const scalar_t* v = v_head + slots[t] * dim;
     for (int64_t d = 0; d < (HEAD_DIM > 0 ? HEAD_DIM : dim); ++d) row[d] = to_float(v[d]);
     for (int64_t g = 0; g < group; ++g) {
@@ -210,8 +217,8 @@ void scores_bf16(const c10::BFloat16* q, const c10::BFloat16* k_head,
         continue;
       }
       if (t + j + kAhead < avail) {
-        prefetch_row(k_head + slots[t + j + kAhead] * HEAD_DIM, HEAD_DIM * 2);
-        prefetch_row(v_head + slots[t + j + kAhead] * HEAD_DIM, HEAD_DIM * 2);
+        prefetch_l2(k_head + slots[t + j + kAhead] * HEAD_DIM, HEAD_DIM * 2);
+        prefetch_l2(v_head + slots[t + j + kAhead] * HEAD_DIM, HEAD_DIM * 2);
       }
       const c10::BFloat16* k = k_head + slots[t + j] * HEAD_DIM;
       __m512bh kv[kVecs];
@@ -230,49 +237,71 @@ void scores_bf16(const c10::BFloat16* q, const c10::BFloat16* k_head,
 }
 
 // acc[h][0, 64) += sum_t p[h][t] * v[t][0, 64) for HEADS heads, v pointing at a 64-dim slice
-// of the head's rows. A 32-bf16 load widens to fp32 as its even dims (shifted up) and odd
-// dims (masked), one instruction per 16 dims: the accumulators are kept in that even/odd
-// order and interleaved back at the end.
+// of the head's rows and p[h] the chunk's probabilities as bf16 (a zero after an odd n).
+// Keys go in pairs, as vdpbf16ps wants them: two rows' 16-bit words interleaved (one unpack
+// per 16 dims) against each head's two probabilities, one dot product per 16 dims and head.
+// The unpacks leave the accumulators in pair order (see kPairOrder), kept so across chunks;
+// `from_pair_order` restores the dims at the task's end.
 template <int HEADS, int64_t HEAD_DIM>
-void values_bf16(const float* p, const c10::BFloat16* v, const int64_t* slots, int64_t n,
+void values_bf16(const uint16_t* p, const c10::BFloat16* v, const int64_t* slots, int64_t n,
                  int64_t avail, float* acc) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
-                                         28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
-  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
   constexpr int64_t kAhead = keys_ahead(HEAD_DIM * 2);
-  __m512 a[HEADS][4];  // [h][2c]: dims 32c + even, [h][2c + 1]: 32c + odd
+  __m512 a[HEADS][4];
   for (int h = 0; h < HEADS; ++h) {
-    for (int c = 0; c < 2; ++c) {
-      const __m512 x0 = _mm512_loadu_ps(acc + h * HEAD_DIM + 32 * c);
-      const __m512 x1 = _mm512_loadu_ps(acc + h * HEAD_DIM + 32 * c + 16);
-      a[h][2 * c] = _mm512_permutex2var_ps(x0, even, x1);
-      a[h][2 * c + 1] = _mm512_permutex2var_ps(x0, odd, x1);
-    }
+    for (int c = 0; c < 4; ++c) a[h][c] = _mm512_loadu_ps(acc + h * HEAD_DIM + 16 * c);
   }
-  for (int64_t t = 0; t < n; ++t) {
+  for (int64_t t = 0; t < n; t += 2) {
     // Again, as in values_portable.
-    if (t + kAhead < avail) prefetch_row(v + slots[t + kAhead] * HEAD_DIM, 128);
-    const c10::BFloat16* row = v + slots[t] * HEAD_DIM;
-    __m512 f[4];
+    for (int64_t ahead = t + kAhead; ahead < std::min(t + kAhead + 2, avail); ++ahead) {
+      prefetch_l2(v + slots[ahead] * HEAD_DIM, 128);
+    }
+    const c10::BFloat16* row0 = v + slots[t] * HEAD_DIM;
+    // An odd chunk's last key pairs with itself, weighted by the zero after it.
+    const c10::BFloat16* row1 = t + 1 < n ? v + slots[t + 1] * HEAD_DIM : row0;
+    __m512bh pairs[4];
     for (int c = 0; c < 2; ++c) {
-      const __m512i x = _mm512_loadu_si512(row + 32 * c);
-      f[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-      f[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, high_half));
+      const __m512i x0 = _mm512_loadu_si512(row0 + 32 * c);
+      const __m512i x1 = _mm512_loadu_si512(row1 + 32 * c);
+      pairs[2 * c] = (__m512bh)_mm512_unpacklo_epi16(x0, x1);
+      pairs[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(x0, x1);
     }
     for (int h = 0; h < HEADS; ++h) {
-      const __m512 ph = _mm512_set1_ps(p[h * kChunkKeys + t]);
-      for (int c = 0; c < 4; ++c) a[h][c] = _mm512_fmadd_ps(ph, f[c], a[h][c]);
+      uint32_t word;
+      std::memcpy(&word, p + h * kChunkKeys + t, sizeof word);
+      const __m512bh ph = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
+      for (int c = 0; c < 4; ++c) a[h][c] = _mm512_dpbf16_ps(a[h][c], pairs[c], ph);
     }
   }
   for (int h = 0; h < HEADS; ++h) {
-    for (int c = 0; c < 2; ++c) {
-      float* out = acc + h * HEAD_DIM + 32 * c;
-      _mm512_storeu_ps(out, _mm512_permutex2var_ps(a[h][2 * c], lo, a[h][2 * c + 1]));
-      _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(a[h][2 * c], hi, a[h][2 * c + 1]));
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc + h * HEAD_DIM + 16 * c, a[h][c]);
+  }
+}
+
+// Where values_bf16's unpacks put the dims of a 64-dim slice: vector 2c (unpacklo) lane i
+// holds dim 32c + 8 * (i / 4) + i % 4, vector 2c + 1 (unpackhi) the dim 4 above it.
+// Rearranges the slice's 64 floats into dim order in place.
+inline void from_pair_order(float* slice) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22,
+                                          23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  for (int c = 0; c < 2; ++c) {
+    const __m512 lo = _mm512_loadu_ps(slice + 32 * c);
+    const __m512 hi = _mm512_loadu_ps(slice + 32 * c + 16);
+    _mm512_storeu_ps(slice + 32 * c, _mm512_permutex2var_ps(lo, first, hi));
+    _mm512_storeu_ps(slice + 32 * c + 16, _mm512_permutex2var_ps(lo, second, hi));
+  }
+}
+
+// The chunk's probabilities s[g][0, n) of each head as bf16 (rounded to nearest even) in
+// p[g], and a zero after them for an odd n: values_bf16's pairs.
+inline void probabilities_bf16(const float* s, int64_t group, int64_t n, uint16_t* p) {
+  for (int64_t g = 0; g < group; ++g) {
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 m = first_lanes(n - t);
+      const __m512 x = _mm512_maskz_loadu_ps(m, s + g * kChunkKeys + t);
+      _mm256_mask_storeu_epi16(p + g * kChunkKeys + t, m, (__m256i)_mm512_cvtneps_pbh(x));
     }
+    if (n % 2) p[g * kChunkKeys + n] = 0;
   }
 }
 #endif
@@ -315,8 +344,8 @@ void attend(const Args& a, int64_t b, int64_t kv_head, int64_t k0, int64_t k1, S
   }
   // The first keys, which no earlier key prefetched: their loads overlap each other.
   for (int64_t t = k0; t < std::min(k1, k0 + keys_ahead(dim * sizeof(scalar_t))); ++t) {
-    prefetch_row(k_head + slots[t] * dim, dim * sizeof(scalar_t));
-    prefetch_row(v_head + slots[t] * dim, dim * sizeof(scalar_t));
+    prefetch_l2(k_head + slots[t] * dim, dim * sizeof(scalar_t));
+    prefetch_l2(v_head + slots[t] * dim, dim * sizeof(scalar_t));
   }
   for (int64_t c0 = k0; c0 < k1; c0 += kChunkKeys) {
     const int64_t n = std::min(kChunkKeys, k1 - c0);
@@ -349,11 +378,12 @@ void attend(const Args& a, int64_t b, int64_t kv_head, int64_t k0, int64_t k1, S
     }
 #if defined(__AVX512BF16__)
     if constexpr (kBf16Dot<scalar_t, HEAD_DIM>) {
+      probabilities_bf16(s, group, n, w.p.data());
       for (int64_t slice = 0; slice < dim; slice += 64) {
         for (int64_t h = 0; h < group; h += 4) {
           with_width<4>(group - h, [&](auto heads) {
-            values_bf16<decltype(heads)::value, HEAD_DIM>(s + h * kChunkKeys, v_head + slice,
-                                                           chunk, n, k1 - c0,
+            values_bf16<decltype(heads)::value, HEAD_DIM>(w.p.data() + h * kChunkKeys,
+                                                           v_head + slice, chunk, n, k1 - c0,
                                                            acc + h * dim + slice);
           });
         }
@@ -365,6 +395,11 @@ void attend(const Args& a, int64_t b, int64_t kv_head, int64_t k0, int64_t k1, S
                                           w.row.data(), acc);
     }
   }
+#if defined(__AVX512BF16__)
+  if constexpr (kBf16Dot<scalar_t, HEAD_DIM>) {
+    for (int64_t i = 0; i < group * dim; i += 64) from_pair_order(acc + i);
+  }
+#endif
 }
 
 // out = acc / sum and lse = max + log(sum) (acc may be out); an empty part (sum 0) gives
@@ -413,6 +448,7 @@ void decode_attention_impl(const Args& a, int64_t batch, int64_t num_kv_heads, f
       w.row.resize(dim);
     }
     w.s.resize(group * kChunkKeys);
+    if (kBf16Dot<scalar_t, HEAD_DIM>) w.p.resize(group * kChunkKeys);
     w.acc.resize(group * dim);
     w.max.resize(group);
     w.sum.resize(group);
