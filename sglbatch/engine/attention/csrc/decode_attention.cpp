@@ -240,7 +240,7 @@ void scores_bf16(const c10::BFloat16* q, const c10::BFloat16* k_head,
 // of the head's rows and p[h] the chunk's probabilities as bf16 (a zero after an odd n).
 // Keys go in pairs, as vdpbf16ps wants them: two rows' 16-bit words interleaved (one unpack
 // per 16 dims) against each head's two probabilities, one dot product per 16 dims and head.
-// The unpacks leave the accumulators in pair order (see kPairOrder), kept so across chunks;
+// The unpacks leave the accumulators in pair order, kept so across chunks:
 // `from_pair_order` restores the dims at the task's end.
 template <int HEADS, int64_t HEAD_DIM>
 void values_bf16(const uint16_t* p, const c10::BFloat16* v, const int64_t* slots, int64_t n,
