@@ -94,6 +94,13 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   }
 }
 
+// Elements 2i and 2i + 1 of a bf16 row as one 32-bit word (the bf16 pair vdpbf16ps takes).
+inline uint32_t bf16_pair(const c10::BFloat16* row, int64_t i) {
+  uint32_t word;
+  std::memcpy(&word, row + 2 * i, sizeof word);
+  return word;
+}
+
 // exp's arguments are clamped here (exp(-80) ~ 1e-35, against a max term of 1): the vector
 // exp would handle out-of-range lanes one at a time, slowly.
 constexpr float kMinExp = -80.f;
@@ -117,6 +124,11 @@ inline __m512 exp_avx512(__m512 x) {
   }
   return _mm512_scalef_ps(p, n);
 }
+#endif
+
+#if defined(__AVX512BF16__)
+// 16 floats rounded to bf16 (to nearest even), as raw bits.
+inline __m256i bf16_bits(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 #endif
 
 }  // namespace sglbatch

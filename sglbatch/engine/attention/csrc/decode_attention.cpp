@@ -37,6 +37,7 @@
 
 namespace {
 
+using sglbatch::bf16_pair;
 using sglbatch::kBf16Dot;
 using sglbatch::Cache;
 using sglbatch::to_float;
@@ -44,6 +45,9 @@ using sglbatch::with_width;
 #if defined(__AVX512F__)
 using sglbatch::exp_avx512;
 using sglbatch::first_lanes;
+#endif
+#if defined(__AVX512BF16__)
+using sglbatch::bf16_bits;
 #endif
 
 // Keys per online-softmax step: the chunk's K and V rows (8 KiB each at 64 dims) and its
@@ -111,7 +115,7 @@ struct Scratch {
   std::vector<float> q;  // portable: the group's queries, scaled, fp32 [group][dim]
   std::vector<float> row;  // portable: one K or V row as fp32
   std::vector<float> s;  // scores, then probabilities: [group][kChunkKeys]
-  std::vector<uint16_t> p;  // AVX512-BF16: the probabilities as bf16 [group][kChunkKeys]
+  std::vector<c10::BFloat16> p;  // AVX512-BF16: the probabilities [group][kChunkKeys]
   std::vector<float> acc, max, sum;  // [group][dim], [group], [group]
 };
 
@@ -243,7 +247,7 @@ void scores_bf16(const c10::BFloat16* q, const c10::BFloat16* k_head,
 // The unpacks leave the accumulators in pair order, kept so across chunks:
 // `from_pair_order` restores the dims at the task's end.
 template <int HEADS, int64_t HEAD_DIM>
-void values_bf16(const uint16_t* p, const c10::BFloat16* v, const int64_t* slots, int64_t n,
+void values_bf16(const c10::BFloat16* p, const c10::BFloat16* v, const int64_t* slots, int64_t n,
                  int64_t avail, float* acc) {
   constexpr int64_t kAhead = keys_ahead(HEAD_DIM * 2);
   __m512 a[HEADS][4];
@@ -266,8 +270,7 @@ void values_bf16(const uint16_t* p, const c10::BFloat16* v, const int64_t* slots
       pairs[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(x0, x1);
     }
     for (int h = 0; h < HEADS; ++h) {
-      uint32_t word;
-      std::memcpy(&word, p + h * kChunkKeys + t, sizeof word);
+      const uint32_t word = bf16_pair(p + h * kChunkKeys, t / 2);
       const __m512bh ph = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
       for (int c = 0; c < 4; ++c) a[h][c] = _mm512_dpbf16_ps(a[h][c], pairs[c], ph);
     }
@@ -294,14 +297,14 @@ inline void from_pair_order(float* slice) {
 
 // The chunk's probabilities s[g][0, n) of each head as bf16 (rounded to nearest even) in
 // p[g], and a zero after them for an odd n: values_bf16's pairs.
-inline void probabilities_bf16(const float* s, int64_t group, int64_t n, uint16_t* p) {
+inline void probabilities_bf16(const float* s, int64_t group, int64_t n, c10::BFloat16* p) {
   for (int64_t g = 0; g < group; ++g) {
     for (int64_t t = 0; t < n; t += 16) {
       const __mmask16 m = first_lanes(n - t);
       const __m512 x = _mm512_maskz_loadu_ps(m, s + g * kChunkKeys + t);
-      _mm256_mask_storeu_epi16(p + g * kChunkKeys + t, m, (__m256i)_mm512_cvtneps_pbh(x));
+      _mm256_mask_storeu_epi16(p + g * kChunkKeys + t, m, bf16_bits(x));
     }
-    if (n % 2) p[g * kChunkKeys + n] = 0;
+    if (n % 2) p[g * kChunkKeys + n] = 0.f;
   }
 }
 #endif

@@ -39,6 +39,7 @@ constexpr float kMasked = -1e30f;
 
 inline int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
+using sglbatch::bf16_pair;
 using sglbatch::kBf16Dot;
 using sglbatch::kMinExp;
 using sglbatch::prefetch_row;
@@ -46,6 +47,9 @@ using sglbatch::to_float;
 using sglbatch::with_width;
 #if defined(__AVX512F__)
 using sglbatch::exp_avx512;
+#endif
+#if defined(__AVX512BF16__)
+using sglbatch::bf16_bits;
 #endif
 
 template <typename scalar_t>
@@ -274,15 +278,6 @@ inline __m512i interleave_bf16(__m256i a, __m256i b) {
                          _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
 
-inline __m256i bf16_bits(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
-
-
-// Elements 2i and 2i + 1 of a bf16 row as one 32-bit word (the bf16 pair vdpbf16ps takes).
-inline uint32_t bf16_pair(const c10::BFloat16* row, int64_t i) {
-  uint32_t word;
-  std::memcpy(&word, row + 2 * i, sizeof word);
-  return word;
-}
 
 
 // Keys per q.k tile: 3 x 6 accumulators leave registers for the operands (4 x 6 spill).
