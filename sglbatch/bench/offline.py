@@ -3,7 +3,8 @@ transformers `generate` on the same requests in the same run.
 
 MFU (model FLOPs utilisation): the tokens the model computed (prompt tokens not served from
 the prefix cache, plus output tokens) times the model's FLOPs per token (its linear layers),
-per second of the run, as a share of the matmul rate measured in the same run.
+per second of the run, as a share of the matmul rate measured in the same run. A second
+table splits the run's time by step: prefill, and decode by batch size (`step_sizes`).
 `--breakdown` runs the workload a second time with the engine thread profiled and divides
 its step time among linear layers, attention, gathers, sampling, scheduling... (see
 `sglbatch.bench.breakdown`)."""
@@ -22,6 +23,7 @@ from sglbatch.bench import datasets
 from sglbatch.bench.breakdown import print_breakdown, profile_steps, step_breakdown
 from sglbatch.bench.ceiling import decode_ceiling
 from sglbatch.bench.datasets import BenchRequest
+from sglbatch.bench.step_sizes import engine_stats, print_step_table, step_rows
 from sglbatch.engine.api_types import GenerateRequest
 from sglbatch.engine.sampling_params import SamplingParams
 
@@ -57,14 +59,16 @@ def generate_requests(requests: list[BenchRequest]) -> list[GenerateRequest]:
         for r in requests]
 
 
-def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, float]:
+def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, Any]:
     batch = generate_requests(requests)
     engine.run([GenerateRequest(input_ids=[100, 200, 300],  # warm-up
                                 sampling_params=SamplingParams(max_new_tokens=2))])
     engine.flush_cache()
+    stats_before = engine_stats(engine)
     start = time.perf_counter()
     outputs = engine.run(batch)
     elapsed = time.perf_counter() - start
+    steps = step_rows(stats_before, engine_stats(engine))
     prompt_tokens = sum(o.meta_info.prompt_tokens for o in outputs)
     output_tokens = sum(o.meta_info.completion_tokens for o in outputs)
     cached = sum(o.meta_info.cached_tokens for o in outputs)
@@ -78,6 +82,7 @@ def run_engine(engine: Any, requests: list[BenchRequest]) -> dict[str, float]:
         "output_throughput": output_tokens / elapsed,
         "cache_hit_rate": cached / prompt_tokens if prompt_tokens else 0.0,
         "computed_tokens": prompt_tokens - cached + output_tokens,
+        "steps_by_batch_size": steps,
     }
 
 
@@ -125,6 +130,7 @@ def run(args: SimpleNamespace, engine_kwargs: dict[str, Any]) -> dict[str, Any]:
         record["speedup_vs_baseline"] = (
             result["output_throughput"] / record["baseline"]["output_throughput"])
     _print_table(console, record)
+    print_step_table(console, record["steps_by_batch_size"], record["duration"])
     if breakdown is not None:
         print_breakdown(console, breakdown, "bench offline --breakdown: share of engine step "
                                             "time")

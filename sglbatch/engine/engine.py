@@ -13,6 +13,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -357,25 +358,30 @@ class Engine(EngineClient):
 
     def step(self) -> None:
         """One scheduling step: run a batch, then hand out tokens and finished requests."""
+        start = time.perf_counter()
         # The whole step in one range, which `bench offline --breakdown` divides among its
         # parts; a profile stops after it, so its last step is whole in the trace.
         with trace_range("sglbatch.step"):
-            ran = self._step()
-        if ran and self._profile is not None and self._profile.step():  # num_steps reached
+            batch = self._step()
+        if batch is None:
+            return
+        self.stats.on_step(batch.mode.value, len(batch.reqs), sum(batch.extend_lens),
+                           time.perf_counter() - start)
+        if self._profile is not None and self._profile.step():  # num_steps reached
             try:
                 self._stop_profile()
             except Exception:  # a failed export must not fail the requests
                 logger.exception("writing the profile failed")
 
-    def _step(self) -> bool:
-        """Whether a batch was launched (a profile counts those steps)."""
+    def _step(self) -> Batch | None:
+        """The batch launched, if any (a profile counts those steps)."""
         if self._unread is not None and self.scheduler.may_retract:
             self._read_unread()  # a retracted request recomputes from its tokens' values
         with trace_range("sglbatch.schedule"):
             batch = self.scheduler.schedule()
         if batch is None:
             self._read_unread()
-            return False
+            return None
         try:
             launched = self.model_runner.launch(batch)
         except Exception as error:  # scheduler state is as schedule() left it: recoverable
@@ -384,14 +390,14 @@ class Engine(EngineClient):
             self._fail_batch(batch, _error_message(error))
             self._count_failure(error)
             self._read_unread()
-            return False
+            return None
         self._consecutive_failures = 0
         self.scheduler.on_launched(batch, launched.placeholders)
         self._read_unread()
         self._unread = batch, launched
         if not self._overlap or any(r.reads_sampled_tokens for r in batch.reqs):
             self._read_unread()
-        return True
+        return batch
 
     def _read_unread(self) -> None:
         """Read the launched step's results: hand out its tokens and finished requests."""

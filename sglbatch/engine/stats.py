@@ -1,5 +1,6 @@
-"""Request statistics the engine keeps for /metrics: token counters and latency histograms,
-updated on the engine thread, read (racily but harmlessly) by the server."""
+"""Request statistics the engine keeps for /metrics (token counters and latency histograms)
+and a tally of its steps by batch size for `bench offline`; updated on the engine thread,
+read (racily but harmlessly) by the server."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import bisect
 import copy
 import dataclasses
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 
 # SGLang's default buckets for its latency histograms (seconds).
@@ -34,6 +36,11 @@ class Histogram:
         self.count += 1
 
 
+def batch_size_bucket(n: int) -> int:
+    """The power of two at or above n: steps are tallied for batch sizes 1, 2, 3-4, 5-8..."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 @dataclass
 class EngineStats:
     prompt_tokens: int = 0
@@ -44,7 +51,19 @@ class EngineStats:
     time_to_first_token: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     time_per_output_token: Histogram = field(default_factory=lambda: Histogram(TPOT_BUCKETS))
     e2e_latency: Histogram = field(default_factory=lambda: Histogram(E2E_BUCKETS))
+    # Engine steps by (mode, batch-size bucket): how many, their seconds, and the tokens they
+    # computed; a run's time split by batch size shows, e.g., a tail of small decode batches.
+    step_counts: Counter = field(default_factory=Counter)
+    step_seconds: Counter = field(default_factory=Counter)
+    step_tokens: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def on_step(self, mode: str, batch_size: int, tokens: int, seconds: float) -> None:
+        key = (mode, batch_size_bucket(batch_size))
+        with self.lock:
+            self.step_counts[key] += 1
+            self.step_seconds[key] += seconds
+            self.step_tokens[key] += tokens
 
     def on_first_token(self, seconds: float) -> None:
         with self.lock:

@@ -42,6 +42,14 @@ def test_bench_offline_with_transformers_baseline_writes_consistent_record(smoll
     assert rec["speedup_vs_baseline"] == pytest.approx(
         rec["output_throughput"] / rec["baseline"]["output_throughput"])
     assert records[1]["total_output_tokens"] == rec["total_output_tokens"]  # same seed, same work
+    # The steps by batch size account for every computed token: each request's first output
+    # token comes from its prefill step, every later one from a decode step.
+    steps = rec["steps_by_batch_size"]
+    assert steps[0]["mode"] == "extend" and all(s["mode"] == "decode" for s in steps[1:])
+    assert steps[0]["tokens"] == rec["total_input_tokens"]  # nothing cached: a flushed cache
+    assert sum(s["tokens"] for s in steps[1:]) == rec["total_output_tokens"] - 6
+    assert sum(s["steps"] for s in steps[1:]) >= max(r.output_len for r in expected) - 1
+    assert 0 < sum(s["seconds"] for s in steps) <= rec["duration"]
 
 
 def test_iter_json_array_stops_cleanly_at_a_truncated_record():
