@@ -30,8 +30,8 @@ enum class Epilogue { kStore, kSiluMul };
 
 // How far ahead of its reads a block's first tile prefetches the weights. At 1-2 rows the
 // hardware prefetchers alone left the kernel at ~2/3 of the machine's read bandwidth; 8 KiB
-// ahead measured 12-20% faster there than no prefetch, ~8% faster than 4 KiB, and 16 KiB no
-// better. At 4 rows and more it changed nothing.
+// ahead measured 11-18% faster at 1 row (7-16% at 2) than no prefetch, ~8% faster than
+// 4 KiB, and 16 KiB no better. At 4 rows and more it changed nothing.
 constexpr int64_t kPrefetchAhead = 8192;
 
 // One tile: ROWS rows of x against one packed block, over all K. Accumulators stay in
