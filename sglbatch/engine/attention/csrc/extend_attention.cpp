@@ -279,7 +279,6 @@ inline __m512i interleave_bf16(__m256i a, __m256i b) {
 }
 
 
-
 // Keys per q.k tile: 3 x 6 accumulators leave registers for the operands (4 x 6 spill).
 constexpr int kTileKeys = 3;
 

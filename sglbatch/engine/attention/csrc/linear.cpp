@@ -52,8 +52,8 @@ inline void tile_dot(const uint16_t* x, int64_t ldx, const uint16_t* block, int6
     const __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + 64);
     const __m512bh w3 = (__m512bh)_mm512_loadu_si512(w + 96);
     if (prefetch) {  // the four lines this step reads, kPrefetchAhead on
-      const char* ahead = reinterpret_cast<const char*>(w) + kPrefetchAhead;
-      for (int line = 0; line < 4; ++line) __builtin_prefetch(ahead + 64 * line, 0, 2);
+      sglbatch::prefetch_row<sglbatch::Cache::kL2>(
+          reinterpret_cast<const char*>(w) + kPrefetchAhead, 4 * 64);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
