@@ -197,8 +197,9 @@ bench.add_command(_command(
     "offline", _cmd_bench_offline, {**offline.SECTIONS, **ENGINE_OPTIONS},
     summary="throughput of the in-process engine on a workload",
     description="Runs the in-process engine over a workload (greedy, each request generating "
-                "exactly its output length) and reports requests/s, tokens/s and the cache hit "
-                "rate; --baseline transformers runs transformers `generate` on the same "
+                "exactly its output length) and reports requests/s, tokens/s, the cache hit "
+                "rate and MFU, then a table of the run's time by step (prefill, and decode by "
+                "batch size); --baseline transformers runs transformers `generate` on the same "
                 "requests in the same run and prints the ratio."))
 bench.add_command(_command(
     "one-batch", _cmd_bench_one_batch, {**one_batch.SECTIONS, **ENGINE_OPTIONS},
