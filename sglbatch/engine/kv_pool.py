@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sglbatch.engine.huge_pages import empty_on_huge_pages
 from sglbatch.engine.overlap import to_device
 
 
@@ -26,8 +27,14 @@ class KVPool:
             raise ValueError(f"KV pool needs at least one slot, got {num_slots}")
         self.num_slots = num_slots
         shape = (num_kv_heads, num_slots + 1, head_dim)
-        self.k_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+        def empty() -> torch.Tensor:
+            if torch.device(device).type == "cpu":
+                return empty_on_huge_pages(shape, dtype)  # see huge_pages: scattered reads
+            return torch.empty(shape, dtype=dtype, device=device)
+
+        self.k_buffers = [empty() for _ in range(num_layers)]
+        self.v_buffers = [empty() for _ in range(num_layers)]
         for buf in (*self.k_buffers, *self.v_buffers):
             buf[:, 0].zero_()
         self.free_all()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sglbatch.engine.attention import cpu_kernels
+from sglbatch.engine.huge_pages import on_huge_pages
 from sglbatch.engine.layers.activation import applied_by_gate_up, silu_and_mul
 from sglbatch.engine.trace import trace_range
 
@@ -69,8 +70,9 @@ def pack_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
     of inputs the 64 columns' two weights side by side (zero-padded to whole blocks)."""
     out_features, in_features = weight.shape
     padded = F.pad(weight.detach(), (0, in_features % 2, 0, -out_features % _BLOCK))
-    return (padded.view(padded.shape[0] // _BLOCK, _BLOCK, padded.shape[1] // 2, 2)
-            .permute(0, 2, 1, 3).contiguous())
+    # On huge pages: one row's product streams the weights (see huge_pages).
+    return on_huge_pages(padded.view(padded.shape[0] // _BLOCK, _BLOCK, padded.shape[1] // 2, 2)
+                         .permute(0, 2, 1, 3).contiguous())
 
 
 def pack_bf16_gate_up(weight: torch.Tensor) -> torch.Tensor:

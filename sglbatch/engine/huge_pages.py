@@ -1,0 +1,49 @@
+"""Host tensors on transparent huge pages, for the memory every decode step reads.
+
+A decode step streams every weight once, and reads each request's K/V one 128-byte row per
+key, and a request's keys sit apart in the pool (one slot per step, among the batch's). With
+4 KiB pages that is a TLB miss every 4 KiB of weights or nearly every scattered row; a 2 MiB
+page covers 512 times as much. Linux backs `torch.empty`'s memory with huge pages only where
+THP is "always"; many machines, this one included, have it on "madvise", so the packed
+weights and the KV pool ask for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in memory the kernel is asked to back with huge pages.
+
+    Falls back to `torch.empty` where the kernel has no transparent huge pages, and for
+    tensors smaller than one huge page. The tensor keeps its mapping alive.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
+    # One huge page extra, so the tensor can start on a huge-page boundary.
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES,
+                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError as err:  # a kernel built without THP: ordinary pages still work
+        logger.debug("no transparent huge pages (%s): 4 KiB pages it is", err)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE_BYTES
+    return raw[start:start + nbytes].view(dtype).view(shape)
+
+
+def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor's copy on huge pages, or the tensor itself where it would not get any."""
+    if tensor.nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return tensor
+    return empty_on_huge_pages(tuple(tensor.shape), tensor.dtype).copy_(tensor)
