@@ -2,10 +2,10 @@
 
 A decode step streams every weight once, and reads each request's K/V one 128-byte row per
 key, and a request's keys sit apart in the pool (one slot per step, among the batch's). With
-4 KiB pages that is a TLB miss every 4 KiB of weights or nearly every scattered row; a 2 MiB
-page covers 512 times as much. Linux backs `torch.empty`'s memory with huge pages only where
-THP is "always"; many machines, this one included, have it on "madvise", so the packed
-weights and the KV pool ask for them.
+4 KiB pages that is a TLB miss every 4 KiB of weights, and for rows far apart nearly one per
+row; a 2 MiB page covers 512 times as much (the README has what it measured). Linux backs
+`torch.empty`'s memory with huge pages only where THP is "always"; many machines, this one
+included, have it on "madvise", so the packed weights and the KV pool ask for them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 HUGE_PAGE_BYTES = 2 << 20
 
 
+def _asks_for_huge_pages(nbytes: int) -> bool:
+    # Smaller than a huge page: it could not fill one. No MADV_HUGEPAGE: not Linux.
+    return nbytes >= HUGE_PAGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE")
+
+
 def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in memory the kernel is asked to back with huge pages.
 
@@ -28,7 +33,7 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     tensors smaller than one huge page. The tensor keeps its mapping alive.
     """
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if not _asks_for_huge_pages(nbytes):
         return torch.empty(shape, dtype=dtype)
     # One huge page extra, so the tensor can start on a huge-page boundary.
     region = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES,
@@ -44,6 +49,6 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
 
 def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
     """A CPU tensor's copy on huge pages, or the tensor itself where it would not get any."""
-    if tensor.nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if not _asks_for_huge_pages(tensor.nbytes):
         return tensor
     return empty_on_huge_pages(tuple(tensor.shape), tensor.dtype).copy_(tensor)
