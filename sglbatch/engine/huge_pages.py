@@ -29,8 +29,9 @@ def _asks_for_huge_pages(nbytes: int) -> bool:
 def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised CPU tensor in memory the kernel is asked to back with huge pages.
 
-    Falls back to `torch.empty` where the kernel has no transparent huge pages, and for
-    tensors smaller than one huge page. The tensor keeps its mapping alive.
+    Off Linux, and for tensors smaller than one huge page, it is `torch.empty`'s; where the
+    kernel has no transparent huge pages, the mapping keeps 4 KiB ones. The tensor keeps its
+    mapping alive.
     """
     nbytes = math.prod(shape) * dtype.itemsize
     if not _asks_for_huge_pages(nbytes):
