@@ -49,7 +49,8 @@ def empty_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
 
 
 def on_huge_pages(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor's copy on huge pages, or the tensor itself where it would not get any."""
+    """A CPU tensor's contiguous copy on huge pages, or `tensor.contiguous()` where it would
+    not get any: a strided view is copied once, straight into its place."""
     if not _asks_for_huge_pages(tensor.nbytes):
-        return tensor
+        return tensor.contiguous()
     return empty_on_huge_pages(tuple(tensor.shape), tensor.dtype).copy_(tensor)

@@ -72,7 +72,7 @@ def pack_bf16_weight(weight: torch.Tensor) -> torch.Tensor:
     padded = F.pad(weight.detach(), (0, in_features % 2, 0, -out_features % _BLOCK))
     # On huge pages: one row's product streams the weights (see huge_pages).
     return on_huge_pages(padded.view(padded.shape[0] // _BLOCK, _BLOCK, padded.shape[1] // 2, 2)
-                         .permute(0, 2, 1, 3).contiguous())
+                         .permute(0, 2, 1, 3))
 
 
 def pack_bf16_gate_up(weight: torch.Tensor) -> torch.Tensor:
