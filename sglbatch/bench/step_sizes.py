@@ -1,4 +1,5 @@
-"""Where a run's engine time went, by step: prefill, then decode by batch size. Read from the
+"""Where a run's engine time went, by step: prefill, then decode (and speculative decoding's
+verify steps) by batch size. Read from the
 engine's step tally (`EngineStats.on_step`) before and after the run, so it costs the run
 nothing; a long tail of small decode batches, each reading every weight for a few tokens,
 shows here."""
@@ -21,7 +22,8 @@ def _sizes(bucket: int) -> str:
 
 def step_rows(before: EngineStats, after: EngineStats) -> list[dict[str, Any]]:
     """The steps taken between two snapshots: one row for all prefill (extend) steps, then
-    one per decode batch-size bucket (1, 2, 3-4, 5-8, ...), smallest first."""
+    one per decode batch-size bucket (1, 2, 3-4, 5-8, ...), smallest first, then the same
+    for verify steps (their tokens: those they gave, accepted drafts included)."""
     counts = after.step_counts - before.step_counts
     seconds = after.step_seconds - before.step_seconds
     tokens = after.step_tokens - before.step_tokens
@@ -32,9 +34,10 @@ def step_rows(before: EngineStats, after: EngineStats) -> list[dict[str, Any]]:
                      "steps": sum(counts[k] for k in extend),
                      "seconds": sum(seconds[k] for k in extend),
                      "tokens": sum(tokens[k] for k in extend)})
-    for key in sorted(k for k in counts if k[0] == "decode"):
-        rows.append({"mode": "decode", "batch_sizes": _sizes(key[1]), "steps": counts[key],
-                     "seconds": seconds[key], "tokens": tokens[key]})
+    for mode in ("decode", "verify"):
+        for key in sorted(k for k in counts if k[0] == mode):
+            rows.append({"mode": mode, "batch_sizes": _sizes(key[1]), "steps": counts[key],
+                         "seconds": seconds[key], "tokens": tokens[key]})
     return rows
 
 
@@ -49,7 +52,7 @@ def print_step_table(console: Any, rows: list[dict[str, Any]], duration: float) 
         table.add_column(column, justify="left" if column == "step" else "right")
     for row in rows:
         label = ("prefill" if row["mode"] == "extend"
-                 else f"decode, batch {row['batch_sizes']}")
+                 else f"{row['mode']}, batch {row['batch_sizes']}")
         table.add_row(label, str(row["steps"]), f"{row['seconds']:.1f}",
                       f"{row['seconds'] / duration:.1%}",
                       f"{row['seconds'] / row['steps'] * 1e3:.1f}",

@@ -29,6 +29,19 @@ class Batch:
     out_cache_loc: torch.Tensor  # KV slot of every new token, in batch order
     # Set when the step is launched: the rows that get a token (not mid-prompt chunks).
     completes: list[bool] = field(default_factory=list)
+    # A verify step (speculative decoding): each request's drafted tokens, run after its
+    # last sampled token as an extend of 1 + len(draft) tokens. None for other steps.
+    drafts: list[list[int]] | None = None
+    accepted_drafts: int = 0  # set when a verify step's results are read
+
+    @property
+    def is_verify(self) -> bool:
+        return self.drafts is not None
+
+    @property
+    def step_kind(self) -> str:
+        """extend | decode | verify: how the engine's step statistics file the step."""
+        return "verify" if self.is_verify else self.mode.value
 
     def samples(self, i: int) -> bool:
         """Whether request `i` gets a next token from this step (not a mid-prompt chunk);
@@ -44,6 +57,8 @@ class StepResult:
     next_ids: list[int]  # meaningless for a request mid-prompt (see `Batch.samples`)
     output_logprobs: list[StepLogprobs | None]
     input_logprobs: list[list[StepLogprobs]]  # this step's share of each prompt's logprobs
+    # A verify step: per request, the greedy token after each of its drafts.
+    draft_targets: list[list[int]] | None = None
 
 
 @dataclass(eq=False)
@@ -55,11 +70,13 @@ class LaunchedStep:
     ready: torch.cuda.Event | None
     output_logprobs: list[StepLogprobs | None]
     input_logprobs: list[list[StepLogprobs]]
+    draft_targets: list[list[int]] | None = None  # see StepResult (read on launch)
 
     @classmethod
     def start(cls, next_ids: torch.Tensor, placeholders: list[int],
               output_logprobs: list[StepLogprobs | None],
-              input_logprobs: list[list[StepLogprobs]]) -> LaunchedStep:
+              input_logprobs: list[list[StepLogprobs]],
+              draft_targets: list[list[int]] | None = None) -> LaunchedStep:
         ready = None
         if next_ids.device.type == "cuda":
             host = torch.empty(next_ids.shape, dtype=next_ids.dtype, device="cpu",
@@ -67,13 +84,15 @@ class LaunchedStep:
             next_ids = host.copy_(next_ids, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-        return cls(placeholders, next_ids, ready, output_logprobs, input_logprobs)
+        return cls(placeholders, next_ids, ready, output_logprobs, input_logprobs,
+                   draft_targets)
 
     def result(self) -> StepResult:
         """Wait for the step and read its tokens."""
         if self.ready is not None:
             self.ready.synchronize()
-        return StepResult(self.next_ids.tolist(), self.output_logprobs, self.input_logprobs)
+        return StepResult(self.next_ids.tolist(), self.output_logprobs, self.input_logprobs,
+                          self.draft_targets)
 
 
 @dataclass(eq=False)

@@ -77,8 +77,9 @@ class CacheManager:
             raise RuntimeError(f"KV pool: {n} slots asked for, {self.kv_pool.num_free} free")
         return slots
 
-    def free_uncomputed(self, slots: torch.Tensor) -> None:
-        """Give back the slots of a step that never ran (its forward pass failed)."""
+    def free_slots(self, slots: torch.Tensor) -> None:
+        """Give back slots whose K/V is no request's: those of a step that never ran (its
+        forward pass failed), or of drafts a verify step rejected."""
         self.kv_pool.free(slots)
 
     def commit(self) -> None:

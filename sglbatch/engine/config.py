@@ -87,6 +87,22 @@ class EngineConfig:
         "help": "batch-invariant attention: greedy outputs do not depend on the other "
                 "requests in the batch, on chunked prefill or on the prefix cache (slower; "
                 "on the CPU the packed linear layers are batch-invariant already)"})
+    speculative_algorithm: str | None = field(default=None, metadata={
+        "help": "NGRAM: speculative decoding with each request's drafts looked up in its own "
+                "tokens (the longest recent match of its last tokens, prompt and output), "
+                "checked by the model in one pass; greedy requests only, and their outputs "
+                "are the greedy ones. Pays off where decode steps are memory-bound (small "
+                "batches) and outputs repeat their context"})
+    speculative_num_draft_tokens: int = field(default=5, metadata={
+        "help": "NGRAM: tokens each request verifies per step, its last sampled token "
+                "included (as SGLang counts them): up to this many - 1 drafted"})
+    speculative_ngram_max_match_window_size: int = field(default=4, metadata={
+        "help": "NGRAM: the longest suffix of a request's tokens looked up for a draft "
+                "(shorter ones are tried down to 1 token)"})
+    speculative_max_batch_size: int = field(default=16, metadata={
+        "help": "NGRAM: speculate only in decode steps of at most this many requests; in "
+                "larger ones the linear layers are compute-bound and verifying drafts costs "
+                "more than it saves"})
     random_seed: int = field(default=0, metadata={"help": "seed for requests without one"})
     num_threads: int | None = field(default=None, metadata={
         "help": "torch CPU threads (default: torch's choice)"})
@@ -112,8 +128,10 @@ class EngineConfig:
         if self.attention_backend == "flashinfer" and self.device != "cuda":
             raise ValueError("attention_backend='flashinfer' needs device='cuda', "
                              f"got device={self.device!r}")
+        self._check_speculative()
         positive = ["max_running_requests", "max_prefill_tokens", "cuda_graph_max_bs",
-                    "tp_size", "dp_size"]
+                    "tp_size", "dp_size", "speculative_ngram_max_match_window_size",
+                    "speculative_max_batch_size"]
         positive += [n for n in ("context_length", "max_total_tokens", "num_threads")
                      if getattr(self, n) is not None]
         for name in positive:
@@ -129,6 +147,24 @@ class EngineConfig:
             raise ValueError(f"base_gpu_id must be >= 0, got {self.base_gpu_id}")
         if self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+
+    def _check_speculative(self) -> None:
+        if self.speculative_algorithm is None:
+            return
+        algorithm = self.speculative_algorithm.upper()  # SGLang spells it NGRAM
+        if algorithm != "NGRAM":
+            raise ValueError(f"speculative_algorithm={self.speculative_algorithm!r} is not "
+                             "supported; use NGRAM (or leave it unset)")
+        object.__setattr__(self, "speculative_algorithm", algorithm)
+        if self.speculative_num_draft_tokens < 2:
+            raise ValueError("speculative_num_draft_tokens must be >= 2 (the last sampled "
+                             f"token and at least one draft), got "
+                             f"{self.speculative_num_draft_tokens}")
+        if self.enable_deterministic_inference:
+            # Whether a request speculates depends on its batch's size, and a verify step
+            # runs the extend kernels where a decode step runs the decode ones.
+            raise ValueError("speculative_algorithm cannot be combined with "
+                             "enable_deterministic_inference: drop one of them")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -365,8 +365,10 @@ class Engine(EngineClient):
             batch = self._step()
         if batch is None:
             return
-        self.stats.on_step(batch.mode.value, len(batch.reqs), sum(batch.extend_lens),
-                           time.perf_counter() - start)
+        # A verify step is counted by the tokens it gave, as a decode step is.
+        tokens = len(batch.reqs) + batch.accepted_drafts if batch.is_verify \
+            else sum(batch.extend_lens)
+        self.stats.on_step(batch.step_kind, len(batch.reqs), tokens, time.perf_counter() - start)
         if self._profile is not None and self._profile.step():  # num_steps reached
             try:
                 self._stop_profile()
@@ -375,8 +377,10 @@ class Engine(EngineClient):
 
     def _step(self) -> Batch | None:
         """The batch launched, if any (a profile counts those steps)."""
-        if self._unread is not None and self.scheduler.may_retract:
-            self._read_unread()  # a retracted request recomputes from its tokens' values
+        if self._unread is not None and (self.scheduler.may_retract or
+                                         self.scheduler.may_speculate):
+            # A retracted request recomputes from its tokens' values; a draft continues them.
+            self._read_unread()
         with trace_range("sglbatch.schedule"):
             batch = self.scheduler.schedule()
         if batch is None:
@@ -395,7 +399,8 @@ class Engine(EngineClient):
         self.scheduler.on_launched(batch, launched.placeholders)
         self._read_unread()
         self._unread = batch, launched
-        if not self._overlap or any(r.reads_sampled_tokens for r in batch.reqs):
+        if not self._overlap or batch.is_verify or \
+                any(r.reads_sampled_tokens for r in batch.reqs):
             self._read_unread()
         return batch
 
@@ -407,13 +412,15 @@ class Engine(EngineClient):
         with trace_range("sglbatch.wait_device"):
             result = launched.result()
         with trace_range("sglbatch.process_output"):
-            tracked = self._tracked
-            for req in self.scheduler.process_output(batch, result):
-                if self._held:  # parallel samples wait for their prompt's first step
-                    self._release_held(req)
-                self.output.on_step(tracked[req.rid])
+            self.scheduler.process_output(batch, result, self._on_token)
             for req in self.scheduler.release_finished():
                 self._finish(req)
+
+    def _on_token(self, req: Req) -> None:
+        """A request got a token (or finished its prefill): stream it, decide its finish."""
+        if self._held:  # parallel samples wait for their prompt's first step
+            self._release_held(req)
+        self.output.on_step(self._tracked[req.rid])
 
     # ---- failures (engine thread) -------------------------------------------------------
 

@@ -41,7 +41,8 @@ from sglbatch.engine.models import create_model
 from sglbatch.engine.overlap import FutureTokenMap
 from sglbatch.engine.parallel.group import RankLost, TPGroup, rank_device
 from sglbatch.engine.parallel.shard import plan_shards
-from sglbatch.engine.sampler import SamplingBatch, output_logprobs, process_logits, sample
+from sglbatch.engine.sampler import (
+    SamplingBatch, argmax_rows, output_logprobs, process_logits, sample)
 from sglbatch.engine.trace import trace_range
 
 if TYPE_CHECKING:
@@ -150,6 +151,11 @@ class ModelRunner:
         targets: list[tuple[int, int]] = []
         for i, (req, extend_len) in enumerate(zip(batch.reqs, batch.extend_lens)):
             start = req.kv_len
+            if batch.is_verify:  # the last sampled token, then the drafts
+                input_ids.extend(req.fill_span(start, start + 1))
+                input_ids.extend(batch.drafts[i])
+                prefix_lens.append(start)
+                continue
             if batch.mode == ForwardMode.EXTEND:
                 for position in req.input_logprob_positions(extend_len):
                     rows.append(len(input_ids) + position - start)
@@ -181,7 +187,7 @@ class ModelRunner:
         schedule prepares the next step) while the device runs them; the sampled ids stay
         there too, in the future map, for the next step's inputs to name by placeholder."""
         with trace_range("sglbatch.prepare"):
-            inputs, targets = self.step_inputs(batch)
+            inputs, targets = self.step_inputs(batch, all_logits=batch.is_verify)
         # Every collective of the step (the forward, then the input logprobs' logits) comes
         # before sampling, so a failed sample leaves the ranks in step.
         with self._in_step():
@@ -191,13 +197,29 @@ class ModelRunner:
                 input_logprobs = self._input_logprobs(batch, hidden, inputs.logprob_rows,
                                                       targets)
         with trace_range("sglbatch.sample"):
+            draft_targets = None
+            if batch.is_verify:
+                logits, draft_targets = self._split_verify_logits(batch, logits)
             sb = SamplingBatch(batch.reqs, logits.shape[-1], self.model_config.eos_token_ids,
                                logits.device)
             logits = process_logits(logits, sb)
             next_ids = sample(logits, sb)
             step_logprobs = output_logprobs(logits, next_ids, sb)
             placeholders = self.future_tokens.store(next_ids)
-            return LaunchedStep.start(next_ids, placeholders, step_logprobs, input_logprobs)
+            return LaunchedStep.start(next_ids, placeholders, step_logprobs, input_logprobs,
+                                      draft_targets)
+
+    def _split_verify_logits(self, batch: Batch, logits: torch.Tensor
+                             ) -> tuple[torch.Tensor, list[list[int]]]:
+        """A verify step's logits at every token -> (those at each request's last sampled
+        token, sampled as in a decode step; the greedy token after each of its drafts)."""
+        starts = [0]
+        for n in batch.extend_lens:
+            starts.append(starts[-1] + n)
+        greedy = argmax_rows(logits).tolist()
+        targets = [greedy[start + 1:end] for start, end in zip(starts, starts[1:])]
+        first = torch.tensor(starts[:-1], device=logits.device)
+        return logits[first], targets
 
     @torch.inference_mode()
     def follow(self, inputs: StepInputs) -> None:

@@ -12,6 +12,7 @@ from sglbatch.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from sglbatch.engine.grammar import Grammar
+    from sglbatch.engine.ngram import NgramIndex
 
 
 def derive_seed(seed: int, sample_index: int) -> int:
@@ -53,6 +54,8 @@ class Req:
     logprobs: TokenLogprobs = field(default_factory=TokenLogprobs)
     grammar: Grammar | None = None
     custom_logit_processor: Any = None
+    draft_index: NgramIndex | None = None  # speculative decoding: made on first use
+
 
     @property
     def fill_ids(self) -> list[int]:
@@ -98,6 +101,14 @@ class Req:
         host (grammar state, penalty counts, custom processors, logprob bookkeeping): the
         overlap schedule then reads a step's results before it schedules the next."""
         return self.processes_logits or self.logprob_options is not None
+
+    @property
+    def can_speculate(self) -> bool:
+        """Whether drafts can be checked against this request's next tokens: a greedy pick
+        from raw logits (no logprobs to report for drafted positions either)."""
+        params = self.sampling_params
+        return (params.is_greedy and not self.processes_logits and self.logprob_options is None
+                and self.output_len >= params.min_new_tokens)
 
     @property
     def is_finished(self) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -21,6 +22,7 @@ from sglbatch.engine.batch import Batch, ForwardMode, StepResult
 from sglbatch.engine.cache_manager import CacheManager
 from sglbatch.engine.config import EngineConfig
 from sglbatch.engine.logprobs import first_input_step
+from sglbatch.engine.ngram import NgramIndex
 from sglbatch.engine.policy import NewTokenRatio, order_waiting
 from sglbatch.engine.radix_cache import RadixCache
 from sglbatch.engine.request import Req
@@ -134,9 +136,43 @@ class Scheduler:
             self._retract(victim)
         if not decoding:
             return None
-        slots = self.memory.extend_each(decoding)
         self.new_token_ratio.on_decode_step()
+        verify = self._schedule_verify(decoding)
+        if verify is not None:
+            return verify
+        slots = self.memory.extend_each(decoding)
         return Batch(ForwardMode.DECODE, decoding, [1] * len(decoding), slots)
+
+    @property
+    def may_speculate(self) -> bool:
+        """Whether a decode step now could carry drafts: it needs every result read first
+        (a draft continues the request's last token, which must be known)."""
+        return (self.config.speculative_algorithm is not None
+                and 0 < len(self.running) <= self.config.speculative_max_batch_size)
+
+    def _schedule_verify(self, decoding: list[Req]) -> Batch | None:
+        """A decode step with NGRAM drafts, as one extend: each request runs its last token
+        and its drafts (none for a request that cannot speculate). None where no request has
+        a draft, or the drafts' slots are not free: then a plain decode step runs."""
+        if not self.may_speculate or len(decoding) > self.config.speculative_max_batch_size:
+            return None
+        drafts = [self._draft(req) for req in decoding]
+        lens = [1 + len(draft) for draft in drafts]
+        if not any(drafts) or sum(lens) > self.memory.kv_pool.num_free:
+            return None
+        slots = torch.cat([self.memory.extend(req, n) for req, n in zip(decoding, lens)])
+        return Batch(ForwardMode.EXTEND, decoding, lens, slots, drafts=drafts)
+
+    def _draft(self, req: Req) -> list[int]:
+        if not req.can_speculate or req.pending_ids:
+            return []
+        if req.draft_index is None:
+            req.draft_index = NgramIndex(self.config.speculative_ngram_max_match_window_size)
+        # The step yields up to 1 + len(draft) tokens: never past max_new_tokens.
+        room = req.sampling_params.max_new_tokens - req.output_len - 1
+        return req.draft_index.propose(
+            req.input_ids + req.output_ids,
+            min(self.config.speculative_num_draft_tokens - 1, room))
 
     def _decoding(self) -> list[Req]:
         """The running requests that may still sample. Under the overlap schedule, one whose
@@ -174,11 +210,12 @@ class Scheduler:
         request that completed its prompt (or decoded) has one more token, known by its
         placeholder until `process_output` reads it. The next step can be scheduled from
         here, before this one's results are read (the overlap schedule)."""
-        extend = batch.mode == ForwardMode.EXTEND
+        # A verify step is a decode step here: its drafts' K/V counts once it is accepted.
+        extend = batch.mode == ForwardMode.EXTEND and not batch.is_verify
         batch.completes = [not extend or batch.samples(i) for i in range(len(batch.reqs))]
         for req, extend_len, completes, placeholder in zip(
                 batch.reqs, batch.extend_lens, batch.completes, placeholders):
-            req.kv_len += extend_len
+            req.kv_len += extend_len if extend else 1
             if extend:
                 if self.memory.cache is not None:
                     self.memory.cache_computed_prefix(req)
@@ -189,13 +226,18 @@ class Scheduler:
             if req.sampling_params.max_new_tokens > 0:  # else prefill only: cache, logprobs
                 req.pending_ids.append(placeholder)
 
-    def process_output(self, batch: Batch, step: StepResult) -> list[Req]:
+    def process_output(self, batch: Batch, step: StepResult,
+                       on_token: Callable[[Req], None] = lambda req: None) -> list[Req]:
         """Read a launched step's results; returns the requests that received a new token
         (or, with max_new_tokens=0, finished their prefill). Whether they are finished is
         decided by the output processor, before `release_finished`. A request finished or
-        aborted since the step was launched is skipped: its token is dropped."""
-        extend = batch.mode == ForwardMode.EXTEND
+        aborted since the step was launched is skipped: its token is dropped.
+
+        `on_token(req)` runs after each token recorded: a verify step records a request's
+        accepted drafts one by one, and stops where `on_token` finished the request."""
+        extend = batch.mode == ForwardMode.EXTEND and not batch.is_verify
         updated = []
+        accepted = [0] * len(batch.reqs)
         for i, req in enumerate(batch.reqs):
             if req.is_finished:
                 continue
@@ -205,12 +247,42 @@ class Scheduler:
                 continue
             updated.append(req)
             if req.sampling_params.max_new_tokens == 0:
+                on_token(req)
                 continue
             req.pending_ids.pop(0)  # tokens are read in the order they were launched
             req.output_ids.append(step.next_ids[i])
             if step.output_logprobs[i] is not None:
                 req.logprobs.output.append(step.output_logprobs[i])
+            on_token(req)
+            if batch.is_verify:
+                accepted[i] = self._accept_drafts(req, batch.drafts[i],
+                                                  step.draft_targets[i], on_token)
+        if batch.is_verify:
+            batch.accepted_drafts = sum(accepted)
+            self._free_rejected_drafts(batch, accepted)
         return updated
+
+    @staticmethod
+    def _accept_drafts(req: Req, draft: list[int], targets: list[int],
+                       on_token: Callable[[Req], None]) -> int:
+        """Record the model's tokens after each draft that matched the token before it
+        (whose K/V the step computed); returns how many drafts were accepted."""
+        for j, token in enumerate(draft):
+            if req.is_finished or token != req.output_ids[-1]:
+                return j
+            req.kv_len += 1  # the draft's K/V is the accepted token's
+            req.output_ids.append(targets[j])
+            on_token(req)
+        return len(draft)
+
+    def _free_rejected_drafts(self, batch: Batch, accepted: list[int]) -> None:
+        """Give back the slots of drafts that were not accepted: their K/V is not the
+        request's."""
+        rejected, start = [], 0
+        for n, kept in zip(batch.extend_lens, accepted):
+            rejected.append(batch.out_cache_loc[start + 1 + kept:start + n])
+            start += n
+        self.memory.free_slots(torch.cat(rejected))
 
     @staticmethod
     def _record_input_logprobs(req: Req, steps: list) -> None:
@@ -252,7 +324,7 @@ class Scheduler:
         """Drop the requests of a batch whose forward pass failed, wherever they are (an
         admitted request is in no queue until its output is processed), and give back the
         slots the step took: nothing was written to them."""
-        self.memory.free_uncomputed(batch.out_cache_loc)
+        self.memory.free_slots(batch.out_cache_loc)
         failed = {id(req) for req in batch.reqs}
         self.waiting = deque(r for r in self.waiting if id(r) not in failed)
         self.running = [r for r in self.running if id(r) not in failed]

@@ -75,7 +75,7 @@ def test_a_failure_outside_the_forward_fails_what_is_in_flight_and_the_engine_re
     scheduler = engine.scheduler
     process_output = scheduler.process_output
 
-    def broken_once(batch, result):
+    def broken_once(*args):
         scheduler.process_output = process_output  # only this scheduler, only once
         raise RuntimeError("bookkeeping failed")
 
