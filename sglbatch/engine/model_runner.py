@@ -9,6 +9,7 @@ of the forward with them and alone samples; the others `follow` (parallel/worker
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,7 +43,12 @@ from sglbatch.engine.overlap import FutureTokenMap
 from sglbatch.engine.parallel.group import RankLost, TPGroup, rank_device
 from sglbatch.engine.parallel.shard import plan_shards
 from sglbatch.engine.sampler import (
-    SamplingBatch, argmax_rows, output_logprobs, process_logits, sample)
+    SamplingBatch,
+    argmax_rows,
+    output_logprobs,
+    process_logits,
+    sample,
+)
 from sglbatch.engine.trace import trace_range
 
 if TYPE_CHECKING:
@@ -217,7 +223,7 @@ class ModelRunner:
         for n in batch.extend_lens:
             starts.append(starts[-1] + n)
         greedy = argmax_rows(logits).tolist()
-        targets = [greedy[start + 1:end] for start, end in zip(starts, starts[1:])]
+        targets = [greedy[start + 1:end] for start, end in itertools.pairwise(starts)]
         first = torch.tensor(starts[:-1], device=logits.device)
         return logits[first], targets
 
