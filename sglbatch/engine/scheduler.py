@@ -42,6 +42,11 @@ class Scheduler:
         self.running: list[Req] = []
         self.chunked_req: Req | None = None  # mid-prompt; continues before anyone else
         self.num_retractions = 0
+        if config.speculative_algorithm is not None:
+            logger.info("%s speculative decoding: up to %d drafted tokens per greedy request, "
+                        "in decode steps of at most %d requests",
+                        config.speculative_algorithm, config.speculative_num_draft_tokens - 1,
+                        config.speculative_max_batch_size)
 
     @property
     def has_work(self) -> bool:

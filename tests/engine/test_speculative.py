@@ -11,6 +11,7 @@ import pytest
 from sglbatch.bench.step_sizes import step_rows
 from sglbatch.engine.ngram import NgramIndex
 from sglbatch.engine.stats import EngineStats
+from tests.device_follow import DeviceCheck, assert_all_named, checked
 from tests.engine.conftest import PROMPTS, assert_pool_whole
 
 # Prompts whose greedy continuations repeat their context: drafts get accepted.
@@ -131,6 +132,19 @@ def test_cached_prefixes_and_chunked_prompts(engines):
     assert all(o["meta_info"]["cached_tokens"] > 0 for o in again)
     for engine in engines:
         assert_pool_whole(engine)
+
+
+def test_a_verify_step_creates_every_tensor_on_a_named_device(engines):
+    """Its logits split and its rows' index must follow the model's device (on a GPU a
+    host tensor there fails or syncs)."""
+    spec, _ = engines
+    runner, check = spec.model_runner, DeviceCheck()
+    runner.launch = checked(runner.launch, check)
+    try:
+        _same(engines, REPETITIVE, {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True})
+    finally:
+        del runner.launch  # the class's method again
+    assert_all_named(check)
 
 
 def test_speculation_stops_above_its_batch_size(smollm2_dir):
