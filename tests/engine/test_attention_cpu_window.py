@@ -116,3 +116,47 @@ def test_cpu_backend_decodes_each_layer_with_its_attention(kernels, shared):
         out = backend.forward(q, k, v, layer_id, fb)
         expected = forward_reference(q, pool, layer_id, fb, layer, heads)
         torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("extend_lens,short", [([1, 5, 8, 3], True), ([1, 5, 9, 3], False)],
+                         ids=["short-extends-decode-kernel", "a-long-one-extend-kernel"])
+def test_cpu_backend_short_extends_attend_as_decode_rows(kernels, extend_lens, short):
+    """Extends of at most SHORT_EXTEND tokens per request (speculative decoding's verify
+    steps) run the decode kernel, one row per token over its own causal keys: the same
+    attention as the extend kernel's, windows and caps included."""
+    from sglbatch.engine.attention.cpu import SHORT_EXTEND
+
+    assert max(extend_lens) <= SHORT_EXTEND if short else max(extend_lens) > SHORT_EXTEND
+    heads, kv_heads, dim = 6, 2, 64
+    layers = (LayerAttention(0.3, sliding_window=5, logit_softcap=10.0), LayerAttention(0.2),
+              LayerAttention(0.25, sliding_window=150, logit_softcap=30.0))
+    pool = KVPool(800, len(layers), kv_heads, dim, torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    for buf in (*pool.k_buffers, *pool.v_buffers):
+        buf[:, 1:] = torch.randn(buf[:, 1:].shape, generator=gen)
+    prefix_lens, rows = [60, 0, 200, 7], [2, 0, 3, 1]
+    seq_lens = [p + n for p, n in zip(prefix_lens, extend_lens)]
+    table = torch.zeros((4, 256), dtype=torch.int64)
+    for row, n in zip(rows, seq_lens):
+        table[row, :n] = pool.alloc(n).flip(0)  # scattered slots
+    out_loc = torch.cat([table[row, p:n] for row, p, n in zip(rows, prefix_lens, seq_lens)])
+    starts = [0]
+    for n in extend_lens[:-1]:
+        starts.append(starts[-1] + n)
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.int64)
+
+    tokens = sum(extend_lens)
+    positions = [p + i for p, n in zip(prefix_lens, extend_lens) for i in range(n)]
+    fb = ForwardBatch(ForwardMode.EXTEND, t([0] * tokens), t(positions), out_loc, t(rows),
+                      t(extend_lens), t(starts), table, seq_lens, prefix_lens, extend_lens)
+    backend = create_attention_backend("cpu", "cpu", pool, heads, kv_heads, dim, layers)
+    backend.init_forward_metadata(fb)
+    assert (backend._short_extend is not None) == short
+    for layer_id, layer in enumerate(layers):
+        q, k, v = (torch.randn(tokens, h * dim, generator=gen)
+                   for h in (heads, kv_heads, kv_heads))
+        out = backend.forward(q, k, v, layer_id, fb, kv_stored=True)
+        expected = forward_reference(q, pool, layer_id, fb, layer, heads)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
