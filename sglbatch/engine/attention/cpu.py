@@ -19,12 +19,6 @@ from sglbatch.engine.attention.torch_native import (
 from sglbatch.engine.batch import ForwardBatch, ForwardMode
 
 
-# Extends of at most this many tokens per request (speculative decoding's verify steps) run
-# the decode kernel, one row per token: the extend kernel's tasks are (request, kv head,
-# query block), too few to split a long prefix's keys over the threads.
-SHORT_EXTEND = 8
-
-
 @dataclass
 class _Ragged:
     rows: torch.Tensor  # each request's row in req_to_token
@@ -74,15 +68,6 @@ class CpuBackend(TorchNativeBackend):
         prefix_lens = torch.tensor(fb.prefix_lens_cpu, dtype=torch.int64, device="cpu")
         self._extend_meta = _Extend(fb.req_pool_indices.contiguous(), prefix_lens,
                                     fb.extend_lens.contiguous(), fb.extend_start.contiguous())
-        self._short_extend = None
-        if not self.fixed_blocks and max(fb.extend_lens_cpu) <= SHORT_EXTEND:
-            # Each new token as a decode row over its own causal keys (all in the pool).
-            ends = [prefix + i + 1 for prefix, n in zip(fb.prefix_lens_cpu, fb.extend_lens_cpu)
-                    for i in range(n)]
-            self._short_extend = _Ragged(
-                torch.repeat_interleave(fb.req_pool_indices, fb.extend_lens),
-                torch.zeros(len(ends), dtype=torch.int64, device="cpu"),
-                torch.tensor(ends, device="cpu"), fb.req_to_token)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int,
                 fb: ForwardBatch) -> torch.Tensor:
@@ -90,13 +75,6 @@ class CpuBackend(TorchNativeBackend):
         step's own K/V is read there too (stored before attention), so k and v go unused."""
         m = self._extend_meta
         layer = self.layers[layer_id]
-        if self._short_extend is not None:
-            r = self._short_extend
-            out, _ = self._decode_kernel.decode_attention(
-                q.contiguous(), self.kv_pool.k_buffers[layer_id],
-                self.kv_pool.v_buffers[layer_id], r.req_to_token, r.rows, r.starts, r.ends,
-                layer.scale, layer.sliding_window or 0, layer.logit_softcap or 0.0)
-            return out.to(q.dtype)
         return self._extend_kernel.extend_attention(
             q, self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id],
             fb.req_to_token, m.rows, m.prefix_lens, m.extend_lens, m.starts, layer.scale,
