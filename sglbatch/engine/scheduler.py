@@ -153,13 +153,14 @@ class Scheduler:
         """Whether a decode step now could carry drafts: it needs every result read first
         (a draft continues the request's last token, which must be known)."""
         return (self.config.speculative_algorithm is not None
-                and 0 < len(self.running) <= self.config.speculative_max_batch_size)
+                and 0 < len(self.running) <= self.config.speculative_max_batch_size
+                and any(req.can_speculate for req in self.running))
 
     def _schedule_verify(self, decoding: list[Req]) -> Batch | None:
         """A decode step with NGRAM drafts, as one extend: each request runs its last token
         and its drafts (none for a request that cannot speculate). None where no request has
         a draft, or the drafts' slots are not free: then a plain decode step runs."""
-        if not self.may_speculate or len(decoding) > self.config.speculative_max_batch_size:
+        if not self.may_speculate:
             return None
         drafts = [self._draft(req) for req in decoding]
         lens = [1 + len(draft) for draft in drafts]
