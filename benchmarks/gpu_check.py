@@ -1,4 +1,4 @@
-"""The GPU check: one command for a person with a CUDA GPU, about 8 minutes on one GPU.
+"""The GPU check: one command for a person with a CUDA GPU, about 10 minutes on one GPU.
 
     python benchmarks/gpu_check.py [--out gpu_check] [--gsm8k-path ../shared/datasets/gsm8k]
 
@@ -7,7 +7,8 @@ It runs, each step with its own time limit and log under --out:
 2. the engine's GPU tests (tests/engine/test_gpu.py: greedy vs transformers on CUDA, CUDA
    graphs, torch.compile, the attention backends, FlashInfer where installed);
 3. the overlap schedule's tests (tests/engine/test_overlap_schedule.py) on CUDA: outputs
-   with it on equal those with it off;
+   with it on equal those with it off; then the deterministic-inference and speculative
+   decoding tests, whose engines run on CUDA too;
 4. `sglbatch bench offline --device cuda --baseline transformers` on random prompts and on
    GSM8K 5-shot: the engine and transformers `generate` on the same GPU, same requests;
    the random workload again with --disable-overlap-schedule (what the overlap gains);
@@ -69,6 +70,10 @@ def build_steps(args: argparse.Namespace, gpu_count: int) -> list[Step]:
         _pytest("kernel tests", ["tests/kernels"], out, 150),
         _pytest("engine GPU tests", ["-m", "gpu", "tests/engine/test_gpu.py"], out, 240),
         _pytest("overlap schedule", ["tests/engine/test_overlap_schedule.py"], out, 150),
+        # Engines there pick CUDA: batch-invariant greedy tokens (issue #20), and NGRAM verify
+        # steps equal to plain decoding.
+        _pytest("deterministic inference", ["tests/engine/test_deterministic.py"], out, 150),
+        _pytest("speculative decoding", ["tests/engine/test_speculative.py"], out, 150),
         _bench("bench random", random, out, 120),
         _bench("bench random, no overlap", [*random, "--disable-overlap-schedule"], out, 120),
         _bench("bench gsm8k", ["--dataset-name", "gsm8k", "--num-prompts", "128", *gsm8k],

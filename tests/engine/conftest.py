@@ -69,3 +69,17 @@ def assert_pool_whole(engine) -> None:
     assert engine.flush_cache()
     assert runner.kv_pool.num_free == runner.kv_pool.num_slots
     assert runner.req_to_token_pool.num_free == runner.req_to_token_pool.num_rows
+
+
+def same_outputs(engines, prompts, params, **kwargs) -> list[dict]:
+    """Two engines' outputs for one call, checked equal (tokens, text, finish reason, length)
+    and each engine's pool whole afterwards; the first engine's outputs returned."""
+    ours, ref = (engine.generate(prompts, params, **kwargs) for engine in engines)
+    for a, b in zip(ours, ref, strict=True):
+        assert a["output_ids"] == b["output_ids"]
+        assert a["text"] == b["text"]
+        assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
+        assert a["meta_info"]["completion_tokens"] == b["meta_info"]["completion_tokens"]
+    for engine in engines:
+        assert_pool_whole(engine)
+    return ours

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sglbatch.engine.overlap import FutureTokenMap
-from tests.engine.conftest import PROMPTS, assert_pool_whole
+from tests.engine.conftest import PROMPTS, assert_pool_whole, same_outputs
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +23,6 @@ def engines(smollm2_dir):
             "chunked_prefill_size": 32}
     with Engine(**args) as overlap, Engine(disable_overlap_schedule=True, **args) as plain:
         yield overlap, plain
-
-
-def _same(engines, prompts, params, **kwargs) -> list[dict]:
-    """Both engines' outputs for one call, checked equal; the overlap engine's returned."""
-    overlap, plain = engines
-    ours = overlap.generate(prompts, params, **kwargs)
-    ref = plain.generate(prompts, params, **kwargs)
-    for a, b in zip(ours, ref):
-        assert a["output_ids"] == b["output_ids"]
-        assert a["text"] == b["text"]
-        assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
-        assert a["meta_info"]["completion_tokens"] == b["meta_info"]["completion_tokens"]
-    for engine in engines:
-        assert_pool_whole(engine)
-    return ours
 
 
 def test_steps_are_launched_before_the_previous_one_is_read(engines):
@@ -68,7 +53,7 @@ def test_greedy_with_eos_stop_strings_and_lengths(engines):
                {"temperature": 0, "max_new_tokens": 40, "stop_token_ids": [13, 28]},
                {"temperature": 0, "max_new_tokens": 0},
                {"temperature": 0, "max_new_tokens": 64}]
-    outputs = _same(engines, PROMPTS, params)
+    outputs = same_outputs(engines, PROMPTS, params)
     reasons = {o["meta_info"]["finish_reason"]["type"] for o in outputs}
     assert reasons == {"length", "stop"}, reasons  # both kinds of finish were exercised
 
@@ -76,7 +61,7 @@ def test_greedy_with_eos_stop_strings_and_lengths(engines):
 def test_seeded_sampling_and_parallel_samples(engines):
     params = {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 24, "sampling_seed": 7,
               "n": 3}
-    outputs = _same(engines, PROMPTS[:4], params)
+    outputs = same_outputs(engines, PROMPTS[:4], params)
     assert len({tuple(o["output_ids"]) for o in outputs}) > 4  # samples differ
 
 
@@ -87,7 +72,7 @@ def test_requests_read_before_the_next_step_share_a_batch_with_others(engines):
               {"temperature": 0, "max_new_tokens": 24, "frequency_penalty": 0.5},
               {"temperature": 0, "max_new_tokens": 24, "regex": "(yes|no), [a-z ]+"},
               {"temperature": 0, "max_new_tokens": 24}]
-    outputs = _same(engines, PROMPTS[:4], params, return_logprob=[False, False, False, True])
+    outputs = same_outputs(engines, PROMPTS[:4], params, return_logprob=[False, False, False, True])
     assert outputs[3]["meta_info"]["output_token_logprobs"]
 
 
@@ -98,7 +83,7 @@ def test_a_dry_pool_retracts_and_recomputes_the_same_tokens(smollm2_dir):
             "chunked_prefill_size": 64}
     params = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
     with Engine(**args) as overlap, Engine(disable_overlap_schedule=True, **args) as plain:
-        ours = _same((overlap, plain), PROMPTS, params)
+        ours = same_outputs((overlap, plain), PROMPTS, params)
         assert overlap.scheduler.num_retractions > 0
     assert all(o["meta_info"]["completion_tokens"] == 48 for o in ours)
 

@@ -12,7 +12,7 @@ from sglbatch.bench.step_sizes import step_rows
 from sglbatch.engine.ngram import NgramIndex
 from sglbatch.engine.stats import EngineStats
 from tests.device_follow import DeviceCheck, assert_all_named, checked
-from tests.engine.conftest import PROMPTS, assert_pool_whole
+from tests.engine.conftest import PROMPTS, assert_pool_whole, same_outputs
 
 # Prompts whose greedy continuations repeat their context: drafts get accepted.
 REPETITIVE = [
@@ -60,18 +60,10 @@ def engines(smollm2_dir):
 def _same(engines, prompts, params, **kwargs) -> list[dict]:
     """Both engines' outputs for one call, checked equal; the speculative engine's returned,
     after checking that it ran verify steps that accepted drafts."""
-    spec, plain = engines
-    before = spec.stats.snapshot()
-    ours = spec.generate(prompts, params, **kwargs)
-    ref = plain.generate(prompts, params, **kwargs)
-    for a, b in zip(ours, ref):
-        assert a["output_ids"] == b["output_ids"]
-        assert a["text"] == b["text"]
-        assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
-        assert a["meta_info"]["completion_tokens"] == b["meta_info"]["completion_tokens"]
-    for engine in engines:
-        assert_pool_whole(engine)
-    verify = [row for row in step_rows(before, spec.stats.snapshot()) if row["mode"] == "verify"]
+    before = engines[0].stats.snapshot()
+    ours = same_outputs(engines, prompts, params, **kwargs)
+    verify = [row for row in step_rows(before, engines[0].stats.snapshot())
+              if row["mode"] == "verify"]
     assert verify, "no verify step ran"
     assert sum(r["tokens"] for r in verify) > sum(r["steps"] for r in verify), \
         "verify steps gave no more tokens than plain decode steps would have"
