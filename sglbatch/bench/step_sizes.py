@@ -1,8 +1,7 @@
 """Where a run's engine time went, by step: prefill, then decode (and speculative decoding's
-verify steps) by batch size. Read from the
-engine's step tally (`EngineStats.on_step`) before and after the run, so it costs the run
-nothing; a long tail of small decode batches, each reading every weight for a few tokens,
-shows here."""
+verify steps) by batch size. Read from the engine's step tally (`EngineStats.on_step`)
+before and after the run, so it costs the run nothing; a long tail of small decode batches,
+each reading every weight for a few tokens, shows here."""
 
 from __future__ import annotations
 

@@ -56,7 +56,6 @@ class Req:
     custom_logit_processor: Any = None
     draft_index: NgramIndex | None = None  # speculative decoding: made on first use
 
-
     @property
     def fill_ids(self) -> list[int]:
         return self.input_ids + self.output_ids + self.pending_ids
