@@ -5,6 +5,7 @@ model side)."""
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,11 @@ class Batch:
     @property
     def is_verify(self) -> bool:
         return self.drafts is not None
+
+    @property
+    def token_starts(self) -> list[int]:
+        """Where each request's tokens start among the step's, then the step's token count."""
+        return list(itertools.accumulate(self.extend_lens, initial=0))
 
     @property
     def step_kind(self) -> str:

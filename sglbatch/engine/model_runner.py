@@ -219,9 +219,7 @@ class ModelRunner:
                              ) -> tuple[torch.Tensor, list[list[int]]]:
         """A verify step's logits at every token -> (those at each request's last sampled
         token, sampled as in a decode step; the greedy token after each of its drafts)."""
-        starts = [0]
-        for n in batch.extend_lens:
-            starts.append(starts[-1] + n)
+        starts = batch.token_starts
         greedy = argmax_rows(logits).tolist()
         targets = [greedy[start + 1:end] for start, end in itertools.pairwise(starts)]
         first = torch.tensor(starts[:-1], device=logits.device)

@@ -172,13 +172,14 @@ class Scheduler:
     def _draft(self, req: Req) -> list[int]:
         if not req.can_speculate or req.pending_ids:
             return []
-        if req.draft_index is None:
-            req.draft_index = NgramIndex(self.config.speculative_ngram_max_match_window_size)
+        index = req.draft_index
+        if index is None:
+            index = req.draft_index = NgramIndex(
+                self.config.speculative_ngram_max_match_window_size)
+        index.extend(req.fill_span(len(index.tokens), req.fill_len))  # the new tokens only
         # The step yields up to 1 + len(draft) tokens: never past max_new_tokens.
         room = req.sampling_params.max_new_tokens - req.output_len - 1
-        return req.draft_index.propose(
-            req.input_ids + req.output_ids,
-            min(self.config.speculative_num_draft_tokens - 1, room))
+        return index.propose(min(self.config.speculative_num_draft_tokens - 1, room))
 
     def _decoding(self) -> list[Req]:
         """The running requests that may still sample. Under the overlap schedule, one whose
@@ -284,11 +285,10 @@ class Scheduler:
     def _free_rejected_drafts(self, batch: Batch, accepted: list[int]) -> None:
         """Give back the slots of drafts that were not accepted: their K/V is not the
         request's."""
-        rejected, start = [], 0
-        for n, kept in zip(batch.extend_lens, accepted):
-            rejected.append(batch.out_cache_loc[start + 1 + kept:start + n])
-            start += n
-        self.memory.free_slots(torch.cat(rejected))
+        starts = batch.token_starts
+        self.memory.free_slots(torch.cat([
+            batch.out_cache_loc[start + 1 + kept:end]
+            for start, end, kept in zip(starts, starts[1:], accepted)]))
 
     @staticmethod
     def _record_input_logprobs(req: Req, steps: list) -> None:

@@ -22,29 +22,38 @@ REPETITIVE = [
 ]
 
 
+def _index(max_window: int, tokens: list[int]) -> NgramIndex:
+    index = NgramIndex(max_window)
+    index.extend(tokens)
+    return index
+
+
 def test_ngram_index_drafts_what_followed_the_longest_recent_match():
-    index = NgramIndex(max_window=3)
+    index = _index(3, [1, 2, 3, 4, 1, 2])
     # Suffix [1, 2] last occurred ending at 2: what followed it is drafted.
-    assert index.propose([1, 2, 3, 4, 1, 2], 3) == [3, 4, 1]
+    assert index.propose(3) == [3, 4, 1]
     # The sequence grew (indexed incrementally): [2, 3] matches, then [9, 3] does not, and
     # the 1-token [3] last ended at 7.
-    assert index.propose([1, 2, 3, 4, 1, 2, 3], 2) == [4, 1]
-    assert index.propose([1, 2, 3, 4, 1, 2, 3, 9, 3], 2) == [9, 3]
+    index.extend([3])
+    assert index.propose(2) == [4, 1]
+    index.extend([9, 3])
+    assert index.propose(2) == [9, 3]
     # The longest window wins over a more recent shorter match.
-    assert NgramIndex(3).propose([1, 2, 3, 4, 5, 3, 6, 1, 2, 3], 2) == [4, 5]
+    assert _index(3, [1, 2, 3, 4, 5, 3, 6, 1, 2, 3]).propose(2) == [4, 5]
     # The most recent occurrence wins.
-    assert NgramIndex(1).propose([5, 6, 5, 7, 5], 1) == [7]
+    assert _index(1, [5, 6, 5, 7, 5]).propose(1) == [7]
 
 
 def test_ngram_index_continues_a_loop_past_the_sequence_end():
-    assert NgramIndex(2).propose([7, 7, 7, 7], 4) == [7, 7, 7, 7]
-    assert NgramIndex(3).propose([1, 2, 3, 1, 2, 3, 1], 5) == [2, 3, 1, 2, 3]
+    assert _index(2, [7, 7, 7, 7]).propose(4) == [7, 7, 7, 7]
+    assert _index(3, [1, 2, 3, 1, 2, 3, 1]).propose(5) == [2, 3, 1, 2, 3]
 
 
 def test_ngram_index_without_a_match_drafts_nothing():
-    index = NgramIndex(4)
-    assert index.propose([5, 6, 7], 4) == []
-    assert index.propose([5, 6, 7, 8], 0) == []
+    index = _index(4, [5, 6, 7])
+    assert index.propose(4) == []
+    index.extend([8])
+    assert index.propose(0) == []
 
 
 @pytest.fixture(scope="module")
